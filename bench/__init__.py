@@ -1,0 +1,1 @@
+"""kvpick's benchmark harnesses, run as ``kvpick bench <name>``."""
