@@ -1,0 +1,1 @@
+"""The KV event plane: engine event types, wire codecs, ZMQ framing, publisher, subscriber."""
