@@ -61,6 +61,8 @@ def pack_tokens(token_ids: Sequence[int]) -> bytes:
 
     Raises :class:`ValueError` when an id is negative, not below 2**32, or not an integer.
     """
+    if isinstance(token_ids, bytes | bytearray | memoryview):
+        token_ids = list(token_ids)  # array() would read these as raw machine words
     try:
         packed = array("I", token_ids)
     except (OverflowError, TypeError) as exc:

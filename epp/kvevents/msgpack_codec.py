@@ -139,6 +139,10 @@ _decode_any = msgspec.msgpack.Decoder().decode
 
 _EVENT_TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared")
 
+# msgspec raises UnicodeDecodeError (not DecodeError) for strings that are not UTF-8.
+# ValidationError is a subclass of DecodeError, so it must always be caught first.
+_UNREADABLE = (msgspec.DecodeError, UnicodeDecodeError)
+
 
 def _is_map(first: int) -> bool:
     return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
@@ -202,7 +206,7 @@ def _classify(raw: bytes, exc: Exception) -> tuple[str, str]:
     """Explain why one event failed to decode (error path only)."""
     try:
         obj = _decode_any(raw)
-    except msgspec.DecodeError:
+    except _UNREADABLE:
         return "bad_msgpack", str(exc)
     if isinstance(obj, dict):
         kind = obj.get("type")
@@ -224,7 +228,7 @@ def _decode_one(raw: bytes) -> KvEvent:
             return _internal(_decode_map_event(raw))
         if _is_array(first):
             return _internal(_decode_arr_event(raw))
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (*_UNREADABLE, msgspec.ValidationError) as exc:
         raise EventError(*_classify(raw, exc)) from None
     raise EventError("bad_event", "an event must be a msgpack map or array")
 
@@ -243,7 +247,7 @@ def decode_batch(payload: bytes) -> EventBatch:
         for fast in (_decode_maps, _decode_arrays):
             try:
                 batch = fast(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except _UNREADABLE:
                 continue
             try:
                 events = [_internal(ev) for ev in batch.events]
@@ -252,25 +256,25 @@ def decode_batch(payload: bytes) -> EventBatch:
             return EventBatch(batch.ts, events, batch.data_parallel_rank)
         try:
             raw_batch: Any = _decode_raw(payload)
-        except msgspec.DecodeError as exc:
-            raise EventError("bad_msgpack", str(exc)) from None
         except msgspec.ValidationError as exc:
             raise EventError("bad_batch", str(exc)) from None
+        except _UNREADABLE as exc:
+            raise EventError("bad_msgpack", str(exc)) from None
         dp_rank = raw_batch.data_parallel_rank
     elif _is_map(first):
         try:
             raw_batch = _decode_map_batch(payload)
-        except msgspec.DecodeError as exc:
-            raise EventError("bad_msgpack", str(exc)) from None
         except msgspec.ValidationError as exc:
             raise EventError("bad_batch", str(exc)) from None
+        except _UNREADABLE as exc:
+            raise EventError("bad_msgpack", str(exc)) from None
         dp_rank = raw_batch.data_parallel_rank
         if dp_rank is None:
             dp_rank = raw_batch.attn_dp_rank
     else:
         try:
             _decode_any(payload)
-        except msgspec.DecodeError as exc:
+        except _UNREADABLE as exc:
             raise EventError("bad_msgpack", str(exc)) from None
         raise EventError("bad_batch", "a batch must be a msgpack array [ts, events, dp_rank]")
 

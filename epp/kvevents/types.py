@@ -103,7 +103,7 @@ class BlockStored:
                 raise EventError("missing_token_ids", "BlockStored carries no token ids")
             try:
                 self.token_ids = _decode_token_list(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise EventError("bad_token_ids", str(exc)) from None
             self.token_ids_msgpack = None
         return self.token_ids
