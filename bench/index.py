@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 import tracemalloc
+from array import array
 from typing import Any
 
 from bench.naive_index import NaiveIndex
@@ -110,13 +111,12 @@ def _unique_frames(
 ) -> list[tuple[int, bytes]]:
     """Frames of 32-block BlockStored events whose blocks are all distinct."""
     frames = []
-    pool = [rng.randrange(128_000) for _ in range(1 << 16)]
     per_event = 32
     parents: list[int | None] = [None] * workers
     for n in range(blocks // per_event):
         worker = n % workers
-        start = rng.randrange(len(pool) - per_event * block_size)
-        tokens = pool[start : start + per_event * block_size]
+        raw = array("I", rng.randbytes(4 * per_event * block_size))
+        tokens = [t % 128_000 for t in raw]
         hashes = [rng.getrandbits(64) for _ in range(per_event)]
         ev = BlockStored(hashes, parents[worker], tokens, block_size, medium="GPU")
         parents[worker] = hashes[-1] if n % 8 else None

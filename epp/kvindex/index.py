@@ -187,7 +187,6 @@ class KvIndex:
         self._counts: dict[int, int] = {}
         self._live = 0
         self._retired = 0
-        self._keep = -1  # ~retired: ANDed into every run state the index rewrites
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._offdevice = 0  # runs with tier data
@@ -257,7 +256,6 @@ class KvIndex:
         bit = 1 << slot
         self._live &= ~bit
         self._retired |= bit
-        self._keep = ~self._retired
         del self._worker_at[slot]
         del self._counts[slot]
 
@@ -343,7 +341,9 @@ class KvIndex:
                     self._reject("inconsistent_parent", total - i)
                     break
                 span = min(len(run.engines) - off, total - i)
-                if span > 1 and run.engines[off : off + span] != hashes[i : i + span]:
+                if run.engines[off] != hashes[i]:
+                    span = 1  # found through an alias: go block by block
+                elif span > 1 and run.engines[off : off + span] != hashes[i : i + span]:
                     span = _common_prefix(run.engines[off : off + span], hashes[i : i + span])
                 added += self._hold(run, off, off + span, bit, tier)
                 i += span
@@ -484,7 +484,7 @@ class KvIndex:
                 parent.children = {first: target}
             else:
                 parent.children[first] = target
-            self._runs.add(target)
+            self._add_run(target)
 
         by_engine = self._by_engine
         before = len(by_engine)
@@ -562,7 +562,7 @@ class KvIndex:
     def _hold(self, run: _Run, start: int, end: int, bit: int, tier: int) -> int:
         """``bit`` holds blocks [start, end) of ``run`` in ``tier``; returns how many it did
         not hold in any tier before."""
-        if self._state_has(run, bit, tier):
+        if start >= end or self._state_has(run, bit, tier):
             return 0
         if end < len(run.keys):
             run = self._split(run, end)[0]
@@ -616,12 +616,15 @@ class KvIndex:
             run.held &= ~bit
         else:
             tiers[tier] &= ~bit
-            if (tiers[0] | tiers[1] | tiers[2] | tiers[3]) & bit:
-                return 0
-            run.held &= ~bit
+            still = (tiers[0] | tiers[1] | tiers[2] | tiers[3]) & bit
+            if not still:
+                run.held &= ~bit
             if not (tiers[1] | tiers[2] | tiers[3]):
-                run.tiers = None
+                run.tiers = None  # every remaining holder is on the device
                 self._offdevice -= 1
+            if still:
+                self._coalesce(run)
+                return 0
         if run.held == 0 and run.children is None:
             self._free(run)
         else:
@@ -633,12 +636,9 @@ class KvIndex:
 
         The shorter side moves to a new run, so the cost is O(min(off, len - off)).
         """
-        keep = self._keep
-        run.held &= keep
+        if not 0 < off < len(run.keys):
+            raise ValueError(f"cannot split a run of {len(run.keys)} blocks at {off}")
         tiers = run.tiers
-        if tiers is not None:
-            tiers = [t & keep for t in tiers]
-            run.tiers = tiers
         if 2 * off >= len(run.keys):
             tail = _Run(run.keys[off:], run.engines[off:], run.held, None, run)
             if tiers is not None:
@@ -653,7 +653,7 @@ class KvIndex:
             del run.keys[off:]
             del run.engines[off:]
             self._point(tail)
-            self._runs.add(tail)
+            self._add_run(tail)
             return run, tail
         head = _Run(run.keys[:off], run.engines[:off], run.held, None, run.parent)
         if tiers is not None:
@@ -666,22 +666,22 @@ class KvIndex:
         head.children = {run.keys[0]: run}
         run.parent = head
         self._point(head)
-        self._runs.add(head)
+        self._add_run(head)
         return head, run
+
+    def _add_run(self, run: _Run) -> None:
+        self._runs.add(run)
+        if self._sweep_bits and run.held & self._sweep_bits:
+            # Split off a run the current sweep has not reached: it must be swept too.
+            self._sweep_todo.append(run)
 
     def _point(self, run: _Run) -> None:
         """Make every engine hash of ``run`` map to it."""
         self._by_engine.update(dict.fromkeys(run.engines, run))
 
-    def _mergeable(self, run: _Run, child: _Run) -> bool:
-        keep = self._keep
-        if (run.held & keep) != (child.held & keep):
-            return False
-        if run.tiers is None and child.tiers is None:
-            return True
-        if run.tiers is None or child.tiers is None:
-            return False
-        return [t & keep for t in run.tiers] == [t & keep for t in child.tiers]
+    @staticmethod
+    def _mergeable(run: _Run, child: _Run) -> bool:
+        return run.held == child.held and run.tiers == child.tiers
 
     def _merge_down(self, run: _Run) -> _Run:
         """Fuse ``run`` with its only child when they have the same holders and tiers."""
@@ -691,7 +691,6 @@ class KvIndex:
         (child,) = children.values()
         if not self._mergeable(run, child):
             return run
-        keep = self._keep
         if len(run.keys) >= len(child.keys):
             survivor, gone = run, child
             run.keys.extend(child.keys)
@@ -709,9 +708,6 @@ class KvIndex:
             siblings = run.parent.children if run.parent is not None else self._roots
             siblings[child.keys[0]] = child  # type: ignore[index]
             self._point_engines(run.engines, child)
-        survivor.held &= keep
-        if survivor.tiers is not None:
-            survivor.tiers = [t & keep for t in survivor.tiers]
         if gone.tiers is not None:
             self._offdevice -= 1
         self._runs.discard(gone)
@@ -801,7 +797,6 @@ class KvIndex:
             return False
         swept = self._sweep_bits
         self._retired &= ~swept
-        self._keep = ~self._retired
         self._sweep_bits = 0
         while swept:
             low = swept & -swept
