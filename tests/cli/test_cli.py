@@ -1,0 +1,52 @@
+"""The ``kvpick`` command line, run as users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+KVPICK = [sys.executable, "-m", "epp.cli"]
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*KVPICK, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_the_commands_that_exist():
+    out = run("--help")
+    assert out.returncode == 0
+    assert "bench" in out.stdout
+    assert "kvpick" in out.stdout
+
+
+def test_no_command_prints_help_and_fails():
+    out = run()
+    assert out.returncode == 2
+    assert "usage" in out.stdout
+
+
+def test_bench_index_prints_one_json_object_with_its_figures():
+    out = run(
+        "bench", "index", "--workers", "4", "--blocks-per-worker", "512",
+        "--queries", "50", "--no-traced-memory",
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    for key in (
+        "ingest_blocks_per_s", "ingest_unique_blocks_per_s", "query_p50_us", "query_p99_us",
+        "naive_query_p50_us", "speedup_vs_naive", "hash_8k_tokens_us", "bytes_per_block",
+    ):
+        assert result[key] > 0, key
+    assert result["agree_with_naive"] is True
+    assert result["workload"]["worker_blocks"] == 4 * 512
+    assert set(result["targets"]) == {
+        "ingest_blocks_per_s", "query_p99_us", "speedup_vs_naive", "bytes_per_block"
+    }
+    assert "[bench index]" in out.stderr  # progress goes to stderr
+
+
+def test_bench_rejects_bad_arguments():
+    out = run("bench", "index", "--prompt-tokens", "100")
+    assert out.returncode != 0
+    assert "multiple of --block-size" in out.stderr
