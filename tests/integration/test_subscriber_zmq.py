@@ -147,6 +147,19 @@ async def connect(sub: KvEventSubscriber, pub: PublisherProc, worker: str = "w")
         await asyncio.sleep(0.05)
 
 
+async def prime(sub: KvEventSubscriber, pub: zmq.Socket, events: list) -> int:
+    """Send batches 0, 1, ... of ``events`` on a raw PUB socket until the subscriber has seen
+    one (ZMQ subscriptions take a moment); returns the next sequence number."""
+    seq = 0
+    deadline = time.monotonic() + 10
+    while sub.stats("w").last_seq is None:
+        assert time.monotonic() < deadline, "subscriber never connected"
+        pub.send_multipart([b"", seq.to_bytes(8, "big"), encode_batch(events, 0.0)])
+        seq += 1
+        await asyncio.sleep(0.05)
+    return seq
+
+
 @pytest.fixture
 async def subscriber():
     index = KvIndex(BS)
@@ -292,13 +305,7 @@ async def test_replay_socket_that_never_answers_clears_after_timeout():
     try:
         async with KvEventSubscriber(index, replay_timeout=0.3) as sub:
             sub.add_worker(source)
-            seq = 0
-            deadline = time.monotonic() + 10
-            while sub.stats("w").last_seq is None:
-                assert time.monotonic() < deadline
-                pub.send_multipart([b"", seq.to_bytes(8, "big"), encode_batch([block], 0.0)])
-                seq += 1
-                await asyncio.sleep(0.05)
+            seq = await prime(sub, pub, [block])
             # seq 0..n were sent; the subscriber joined at some seq; skip one now.
             await wait_for(lambda: index.block_count("w") == 1, what="the first block")
             seq += 1
@@ -325,13 +332,7 @@ async def test_corrupt_frames_are_counted_and_dropped():
     try:
         async with KvEventSubscriber(index) as sub:
             sub.add_worker(EventSource("w", f"tcp://127.0.0.1:{port}"))
-            seq = 0
-            deadline = time.monotonic() + 10
-            while sub.stats("w").last_seq is None:
-                assert time.monotonic() < deadline
-                pub.send_multipart([b"", seq.to_bytes(8, "big"), encode_batch([], 0.0)])
-                seq += 1
-                await asyncio.sleep(0.05)
+            seq = await prime(sub, pub, [])
             before = {
                 r: counter("kvpick_kv_events_dropped_total", reason=r)
                 for r in ("bad_frame", "bad_msgpack", "bad_batch", "bad_event", "unknown_parent")
@@ -380,13 +381,7 @@ async def test_a_flood_of_batches_does_not_starve_the_event_loop():
     try:
         async with KvEventSubscriber(index, time_slice=0.002) as sub:
             sub.add_worker(EventSource("w", f"tcp://127.0.0.1:{port}"))
-            seq = 0
-            deadline = time.monotonic() + 10
-            while sub.stats("w").last_seq is None:
-                assert time.monotonic() < deadline
-                pub.send_multipart([b"", seq.to_bytes(8, "big"), encode_batch([], 0.0)])
-                seq += 1
-                await asyncio.sleep(0.05)
+            seq = await prime(sub, pub, [])
             first = seq
             for payload in payloads:
                 pub.send_multipart([b"", seq.to_bytes(8, "big"), payload])
