@@ -652,7 +652,7 @@ class KvIndex:
             run.children = {tail.keys[0]: tail}
             del run.keys[off:]
             del run.engines[off:]
-            self._point(tail)
+            self._point(tail.engines, tail)
             self._add_run(tail)
             return run, tail
         head = _Run(run.keys[:off], run.engines[:off], run.held, None, run.parent)
@@ -665,7 +665,7 @@ class KvIndex:
         del run.engines[:off]
         head.children = {run.keys[0]: run}
         run.parent = head
-        self._point(head)
+        self._point(head.engines, head)
         self._add_run(head)
         return head, run
 
@@ -675,9 +675,9 @@ class KvIndex:
             # Split off a run the current sweep has not reached: it must be swept too.
             self._sweep_todo.append(run)
 
-    def _point(self, run: _Run) -> None:
-        """Make every engine hash of ``run`` map to it."""
-        self._by_engine.update(dict.fromkeys(run.engines, run))
+    def _point(self, engines: list[int], run: _Run) -> None:
+        """Make each of ``engines`` map to ``run``."""
+        self._by_engine.update(dict.fromkeys(engines, run))
 
     @staticmethod
     def _mergeable(run: _Run, child: _Run) -> bool:
@@ -699,7 +699,7 @@ class KvIndex:
             if run.children is not None:
                 for grandchild in run.children.values():
                     grandchild.parent = run
-            self._point_engines(child.engines, run)
+            self._point(child.engines, run)
         else:
             survivor, gone = child, run
             child.keys[:0] = run.keys
@@ -707,14 +707,11 @@ class KvIndex:
             child.parent = run.parent
             siblings = run.parent.children if run.parent is not None else self._roots
             siblings[child.keys[0]] = child  # type: ignore[index]
-            self._point_engines(run.engines, child)
+            self._point(run.engines, child)
         if gone.tiers is not None:
             self._offdevice -= 1
         self._runs.discard(gone)
         return survivor
-
-    def _point_engines(self, engines: list[int], run: _Run) -> None:
-        self._by_engine.update(dict.fromkeys(engines, run))
 
     def _coalesce(self, run: _Run) -> None:
         run = self._merge_down(run)
