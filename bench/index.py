@@ -14,8 +14,8 @@ Figures (one JSON object on stdout; progress on stderr):
   index (nothing shared between workers): the worst case.
 * ``query_p50_us`` / ``query_p99_us``: ``find_matches`` on 8,192-token prompts.
 * ``naive_query_p50_us`` / ``naive_query_p99_us`` and ``speedup_vs_naive`` (ratio of p50s).
-* ``hash_8k_tokens_us``: median time of :func:`epp.hashing.block_keys` (block hashes and
-  the chained sequence hashes) for 8,192 tokens; ``block_hashes_8k_tokens_us``: block
+* ``hash_8k_tokens_us``: median time of :func:`epp.hashing.sequence_hashes` (block hashes
+  and the chained sequence hashes) for 8,192 tokens; ``block_hashes_8k_tokens_us``: block
   hashes only, which is what a query needs.
 * ``bytes_per_block``: resident memory (RSS) the index adds per stored worker-block, and
   ``bytes_per_block_traced``, the same counted by tracemalloc (Python allocations only).
@@ -38,7 +38,7 @@ from typing import Any
 
 from bench.naive_index import NaiveIndex
 from bench.workload import Workload, generate
-from epp.hashing import block_hashes, block_keys
+from epp.hashing import block_hashes, sequence_hashes
 from epp.kvevents.msgpack_codec import decode_batch, encode_batch
 from epp.kvevents.types import BlockStored
 from epp.kvindex import KvIndex
@@ -216,7 +216,7 @@ def measure(
     _progress("hashing 8,192 tokens")
     rng = random.Random(seed)
     tokens = [rng.randrange(128_000) for _ in range(8192)]
-    keys_us = _median_us(lambda: block_keys(tokens, block_size), 300)
+    keys_us = _median_us(lambda: sequence_hashes(tokens, block_size), 300)
     hashes_us = _median_us(lambda: block_hashes(tokens, block_size), 300)
 
     traced = None

@@ -134,12 +134,15 @@ def chain(parent: int | None, hashes: Sequence[int]) -> list[int]:
     return out
 
 
-def block_keys(
+def sequence_hashes(
     token_ids: Sequence[int],
     block_size: int = DEFAULT_BLOCK_SIZE,
     *,
     lora_name: str | None = None,
     cache_salt: str | None = None,
 ) -> list[int]:
-    """The index keys (sequence hashes) of a prompt's full blocks, in order."""
+    """The sequence hashes of a prompt's full blocks, in order (Dynamo's router keys).
+
+    kvpick's own index takes :func:`block_hashes` instead; see :mod:`epp.kvindex.index`.
+    """
     return chain(None, block_hashes(token_ids, block_size, chain_seed(lora_name, cache_salt)))

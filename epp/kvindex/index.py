@@ -1,8 +1,9 @@
 """The KV block index: which worker holds which prompt blocks, looked up by kvpick block key.
 
 What it answers
-    ``find_matches(keys)`` takes a prompt's block keys (sequence hashes, see
-    :mod:`epp.hashing`) and returns, for every worker holding at least the first block, how
+    ``find_matches(hashes)`` takes a prompt's kvpick block hashes, in order
+    (:func:`epp.hashing.block_hashes` with the request's LoRA/salt seed; not the chained
+    sequence hashes), and returns, for every worker holding at least the first block, how
     many leading blocks of the prompt it holds (its *matched prefix depth*), and how that
     prefix splits over storage tiers.
 
@@ -804,7 +805,11 @@ class KvIndex:
     # ---------------------------------------------------------------- queries
 
     def find_matches(self, keys: Sequence[int]) -> Matches:
-        """Per worker, how many leading blocks of ``keys`` it holds (see :class:`Matches`)."""
+        """Per worker, how many leading blocks of the prompt it holds (see :class:`Matches`).
+
+        ``keys`` are the prompt's block hashes (:func:`epp.hashing.block_hashes`): the tree
+        encodes each block's prefix by its position, so the chained hashes are not needed.
+        """
         result = Matches()
         n = len(keys)
         if n == 0:

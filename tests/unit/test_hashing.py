@@ -74,7 +74,7 @@ def test_spec_block_hash_vectors():
 
 
 def test_spec_sequence_hash_vectors():
-    assert hashing.block_keys(BLOCK_1 + BLOCK_2, 16) == SPEC_SEQUENCE_HASHES
+    assert hashing.sequence_hashes(BLOCK_1 + BLOCK_2, 16) == SPEC_SEQUENCE_HASHES
     assert hashing.chain(None, SPEC_BLOCK_HASHES) == SPEC_SEQUENCE_HASHES
     # Continuing from the first sequence hash gives the second one.
     assert hashing.chain(SPEC_SEQUENCE_HASHES[0], SPEC_BLOCK_HASHES[1:]) == [
@@ -83,7 +83,7 @@ def test_spec_sequence_hash_vectors():
 
 
 def test_spec_default_block_size_is_16():
-    assert hashing.block_keys(BLOCK_1 + BLOCK_2) == SPEC_SEQUENCE_HASHES
+    assert hashing.sequence_hashes(BLOCK_1 + BLOCK_2) == SPEC_SEQUENCE_HASHES
 
 
 def test_spec_salt_vectors():
@@ -91,7 +91,7 @@ def test_spec_salt_vectors():
     assert hashing.chain_seed(None, SPEC_SALT) == SPEC_SALT_SEED
     seed = hashing.chain_seed(cache_salt=SPEC_SALT)
     assert hashing.block_hashes(BLOCK_1, 16, seed)[0] == SPEC_SALT_FIRST_BLOCK
-    keys = hashing.block_keys(BLOCK_1 + BLOCK_2, 16, cache_salt=SPEC_SALT)
+    keys = hashing.sequence_hashes(BLOCK_1 + BLOCK_2, 16, cache_salt=SPEC_SALT)
     assert keys[0] == SPEC_SALT_FIRST_BLOCK
     assert keys != SPEC_SEQUENCE_HASHES
 
@@ -117,7 +117,7 @@ def test_chain_seed_empty_strings_count_as_absent():
     assert hashing.chain_seed(None, "") == SEED
     assert hashing.chain_seed("", SPEC_SALT) == SPEC_SALT_SEED
     assert hashing.chain_seed("lora-x", "") == hashing.chain_seed("lora-x", None)
-    assert hashing.block_keys(BLOCK_1 + BLOCK_2, 16, lora_name="", cache_salt="") == (
+    assert hashing.sequence_hashes(BLOCK_1 + BLOCK_2, 16, lora_name="", cache_salt="") == (
         SPEC_SEQUENCE_HASHES
     )
 
@@ -178,7 +178,7 @@ def test_block_hashes_match_reference(tokens, block_size, lora, salt):
 @given(tokens=tokens_st, block_size=block_size_st, lora=name_st, salt=name_st)
 def test_block_keys_match_reference(tokens, block_size, lora, salt):
     expected = ref_chain(None, ref_block_hashes(tokens, block_size, ref_seed(lora, salt)))
-    got = hashing.block_keys(tokens, block_size, lora_name=lora, cache_salt=salt)
+    got = hashing.sequence_hashes(tokens, block_size, lora_name=lora, cache_salt=salt)
     assert got == expected
     assert all(0 <= k < U64 for k in got)
 
@@ -228,14 +228,15 @@ def test_partial_tail_block_is_not_hashed(tokens, block_size, data):
         else st.just([])
     )
     assert hashing.block_hashes(full + tail, block_size) == hashing.block_hashes(full, block_size)
-    assert hashing.block_keys(full + tail, block_size) == hashing.block_keys(full, block_size)
-    assert len(hashing.block_keys(full + tail, block_size)) == len(full) // block_size
+    seq = hashing.sequence_hashes
+    assert seq(full + tail, block_size) == seq(full, block_size)
+    assert len(hashing.sequence_hashes(full + tail, block_size)) == len(full) // block_size
 
 
 def test_fewer_tokens_than_a_block_give_no_keys():
     assert hashing.block_hashes(list(range(15)), 16) == []
-    assert hashing.block_keys(list(range(15)), 16) == []
-    assert hashing.block_keys([], 16) == []
+    assert hashing.sequence_hashes(list(range(15)), 16) == []
+    assert hashing.sequence_hashes([], 16) == []
 
 
 def test_equal_blocks_under_different_prefixes_get_different_keys():
@@ -245,8 +246,8 @@ def test_equal_blocks_under_different_prefixes_get_different_keys():
     bh_a = hashing.block_hashes(a, 16)
     bh_b = hashing.block_hashes(b, 16)
     assert bh_a[1] == bh_b[1]  # the shared block has the same block hash
-    keys_a = hashing.block_keys(a, 16)
-    keys_b = hashing.block_keys(b, 16)
+    keys_a = hashing.sequence_hashes(a, 16)
+    keys_b = hashing.sequence_hashes(b, 16)
     assert keys_a[1] != keys_b[1]  # but a different sequence hash
     assert keys_a == ref_chain(None, bh_a)
     assert keys_b == ref_chain(None, bh_b)
@@ -254,7 +255,7 @@ def test_equal_blocks_under_different_prefixes_get_different_keys():
 
 def test_same_block_at_different_positions_gets_different_keys():
     block = list(range(7, 23))
-    keys = hashing.block_keys(block * 3, 16)
+    keys = hashing.sequence_hashes(block * 3, 16)
     assert len(set(keys)) == 3
 
 
@@ -265,8 +266,8 @@ def test_same_block_at_different_positions_gets_different_keys():
 def test_changing_one_token_changes_that_key_and_every_later_key(tokens, position):
     changed = list(tokens)
     changed[position] = (changed[position] + 1) % (MAX_TOKEN + 1)
-    before = hashing.block_keys(tokens, 16)
-    after = hashing.block_keys(changed, 16)
+    before = hashing.sequence_hashes(tokens, 16)
+    after = hashing.sequence_hashes(changed, 16)
     block = position // 16
     assert before[:block] == after[:block]
     assert all(x != y for x, y in zip(before[block:], after[block:], strict=True))
@@ -274,10 +275,10 @@ def test_changing_one_token_changes_that_key_and_every_later_key(tokens, positio
 
 def test_lora_and_salt_namespace_the_keys():
     tokens = BLOCK_1 + BLOCK_2
-    plain = hashing.block_keys(tokens, 16)
-    lora = hashing.block_keys(tokens, 16, lora_name="a")
-    salt = hashing.block_keys(tokens, 16, cache_salt="a")
-    both = hashing.block_keys(tokens, 16, lora_name="a", cache_salt="a")
+    plain = hashing.sequence_hashes(tokens, 16)
+    lora = hashing.sequence_hashes(tokens, 16, lora_name="a")
+    salt = hashing.sequence_hashes(tokens, 16, cache_salt="a")
+    both = hashing.sequence_hashes(tokens, 16, lora_name="a", cache_salt="a")
     assert len({tuple(plain), tuple(lora), tuple(salt), tuple(both)}) == 4
     assert lora == ref_chain(None, ref_block_hashes(tokens, 16, ref_seed("a", None)))
     assert both == ref_chain(None, ref_block_hashes(tokens, 16, ref_seed("a", "a")))
@@ -311,7 +312,7 @@ def test_pack_tokens_accepts_the_largest_u32():
     packed = hashing.pack_tokens([0, MAX_TOKEN])
     assert packed == struct.pack("<II", 0, MAX_TOKEN)
     tokens = [MAX_TOKEN] * 16 + [0] * 16
-    assert hashing.block_keys(tokens, 16) == ref_chain(None, ref_block_hashes(tokens, 16))
+    assert hashing.sequence_hashes(tokens, 16) == ref_chain(None, ref_block_hashes(tokens, 16))
 
 
 @pytest.mark.parametrize(
@@ -331,7 +332,7 @@ def test_block_functions_reject_bad_ids_in_full_blocks(bad):
     with pytest.raises(ValueError):
         hashing.block_hashes(tokens, 16)
     with pytest.raises(ValueError):
-        hashing.block_keys(tokens, 16)
+        hashing.sequence_hashes(tokens, 16)
 
 
 @pytest.mark.parametrize("block_size", [0, -1, -16])
@@ -340,7 +341,7 @@ def test_non_positive_block_size_raises_value_error(block_size):
     with pytest.raises(ValueError):
         hashing.block_hashes(tokens, block_size)
     with pytest.raises(ValueError):
-        hashing.block_keys(tokens, block_size)
+        hashing.sequence_hashes(tokens, block_size)
     with pytest.raises(ValueError):
         hashing.block_hashes_packed(hashing.pack_tokens(tokens), block_size)
     with pytest.raises(ValueError):
