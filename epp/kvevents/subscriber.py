@@ -75,6 +75,7 @@ class SourceStats:
     """What one worker's stream has done so far."""
 
     last_seq: int | None = None
+    topic: bytes = b""
     batches: int = 0
     replayed_batches: int = 0
     gaps_replayed: int = 0
@@ -156,7 +157,7 @@ class KvEventSubscriber:
             self.index.clear_worker(source.worker)
         self.index.add_worker(source.worker)
         self._sources[source.worker] = source
-        self._stats[source.worker] = SourceStats()
+        self._stats[source.worker] = SourceStats(topic=source.topic.encode("utf-8"))
         self._tasks[source.worker] = asyncio.create_task(
             self._run(source), name=f"kv-events {source.worker}"
         )
@@ -194,8 +195,7 @@ class KvEventSubscriber:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sub.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-        topic = source.topic.encode("utf-8")
-        sub.setsockopt(zmq.SUBSCRIBE, topic)
+        sub.setsockopt(zmq.SUBSCRIBE, stats.topic)
         sub.connect(source.endpoint)
         loop = asyncio.get_running_loop()
         try:
@@ -226,7 +226,7 @@ class KvEventSubscriber:
             metrics.KV_EVENTS_DROPPED.labels(exc.reason).inc()
             log.debug("bad frame from %s: %s", source.worker, exc)
             return
-        if source.topic and live.topic != source.topic.encode("utf-8"):
+        if source.topic and live.topic != stats.topic:
             metrics.KV_EVENTS_IGNORED.labels("other_topic").inc()
             return
         seq = live.seq
