@@ -6,11 +6,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvpick-installed
 
-.PHONY: up test lint bench venv clean
+.PHONY: up test test-pure lint bench venv clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The stamp also follows the C sources, so that editing them rebuilds epp._kvnative.
+$(STAMP): pyproject.toml setup.py $(wildcard epp/native/*.c epp/native/*.h)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "kvpick needs Python >= 3.11")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -20,6 +21,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# The unit tests again on the pure-Python fallback of the compiled helpers (what runs
+# where epp._kvnative could not be built).
+test-pure: $(STAMP)
+	KVPICK_PURE_PYTHON=1 $(BIN)/pytest -q tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -36,4 +42,4 @@ up: $(STAMP)
 	@echo "kvpick: the local stack (kvpick up) is not built yet; see README.md, 'Status'."
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info epp/*.so

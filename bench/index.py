@@ -38,6 +38,7 @@ from typing import Any
 
 from bench.naive_index import NaiveIndex
 from bench.workload import Workload, generate
+from epp import native
 from epp.hashing import block_hashes, sequence_hashes
 from epp.kvevents.msgpack_codec import decode_batch, encode_batch
 from epp.kvevents.types import BlockStored
@@ -176,7 +177,8 @@ def measure(
     naive = NaiveIndex()
     for w, cache in enumerate(wl.caches):
         naive.add(w, (b.key for b in cache.lru.values()))
-    prompts = [wl.query() for _ in range(queries)]
+    # find_matches gets a prompt's block hashes as epp.hashing.block_hashes returns them.
+    prompts = [(array("Q", hashes), keys) for hashes, keys in (wl.query() for _ in range(queries))]
     unique = _unique_frames(workers, block_size, min(stored, 262_144), random.Random(seed))
     unique_blocks = sum(32 for _ in unique)
     del wl.batches
@@ -267,6 +269,7 @@ def measure(
         },
         "machine": {
             "python": platform.python_version(),
+            "compiled_helpers": native.NATIVE,
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
         },

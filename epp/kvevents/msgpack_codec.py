@@ -25,6 +25,7 @@ positional form (array shape), or SGLang 0.5.23's fields with signed hashes.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -38,8 +39,8 @@ from epp.kvevents.types import (
     EventError,
     KvEvent,
     engine_hash,
-    engine_hashes,
 )
+from epp.native import fast_decode_batch, u64s
 
 Shape = Literal["map", "array"]
 Dialect = Literal["vllm", "sglang"]
@@ -54,7 +55,7 @@ _Hash = int | bytes
 
 
 class _MapStored(msgspec.Struct, tag="BlockStored"):
-    block_hashes: list[_Hash]
+    block_hashes: msgspec.Raw
     parent_block_hash: _Hash | None = None
     token_ids: msgspec.Raw = _RAW_NIL
     block_size: int | None = None
@@ -68,7 +69,7 @@ class _MapStored(msgspec.Struct, tag="BlockStored"):
 
 
 class _MapRemoved(msgspec.Struct, tag="BlockRemoved"):
-    block_hashes: list[_Hash]
+    block_hashes: msgspec.Raw
     medium: str | None = None
     group_idx: int | None = None
 
@@ -78,7 +79,7 @@ class _MapCleared(msgspec.Struct, tag="AllBlocksCleared"):
 
 
 class _ArrStored(msgspec.Struct, array_like=True, tag="BlockStored"):
-    block_hashes: list[_Hash]
+    block_hashes: msgspec.Raw
     parent_block_hash: _Hash | None = None
     token_ids: msgspec.Raw = _RAW_NIL
     block_size: int | None = None
@@ -91,7 +92,7 @@ class _ArrStored(msgspec.Struct, array_like=True, tag="BlockStored"):
 
 
 class _ArrRemoved(msgspec.Struct, array_like=True, tag="BlockRemoved"):
-    block_hashes: list[_Hash]
+    block_hashes: msgspec.Raw
     medium: str | None = None
     group_idx: int | None = None
 
@@ -170,6 +171,13 @@ def _cache_salt(extra_keys: Any) -> str | None:
     return None
 
 
+def _hashes(raw: msgspec.Raw, kind: str) -> array:
+    try:
+        return u64s(raw)
+    except ValueError as exc:
+        raise EventError("bad_event", f"{kind}: block_hashes: {exc}") from None
+
+
 def _internal(ev: Any) -> KvEvent:
     cls = ev.__class__
     if cls is _MapStored or cls is _ArrStored:
@@ -184,7 +192,7 @@ def _internal(ev: Any) -> KvEvent:
         kind = ev.kv_cache_spec_kind
         lora_id = ev.lora_id
         return BlockStored(
-            engine_hashes(ev.block_hashes),
+            _hashes(ev.block_hashes, "BlockStored"),
             None if parent is None else engine_hash(parent),
             None,
             ev.block_size,
@@ -198,7 +206,7 @@ def _internal(ev: Any) -> KvEvent:
             None if raw == _RAW_NIL else raw,
         )
     if cls is _MapRemoved or cls is _ArrRemoved:
-        return BlockRemoved(engine_hashes(ev.block_hashes), ev.medium, ev.group_idx)
+        return BlockRemoved(_hashes(ev.block_hashes, "BlockRemoved"), ev.medium, ev.group_idx)
     return AllBlocksCleared()
 
 
@@ -239,6 +247,10 @@ def decode_batch(payload: bytes) -> EventBatch:
     Raises :class:`EventError` (reason ``bad_msgpack`` or ``bad_batch``) when the payload is
     not a batch; individual undecodable events are reported in ``rejected`` instead.
     """
+    if fast_decode_batch is not None:
+        decoded = fast_decode_batch(payload, BlockStored, BlockRemoved, AllBlocksCleared)
+        if decoded is not None:
+            return EventBatch(*decoded)
     if not payload:
         raise EventError("bad_batch", "empty payload")
     first = payload[0]
@@ -392,7 +404,7 @@ def _wire_event(ev: KvEvent, shape: Shape, dialect: Dialect) -> Any:
             )
         cls = _VllmStored if shape == "map" else _VllmOldStored
         return cls(
-            ev.block_hashes,
+            list(ev.block_hashes),
             ev.parent_hash,
             tokens,
             block_size,
@@ -407,7 +419,7 @@ def _wire_event(ev: KvEvent, shape: Shape, dialect: Dialect) -> Any:
         if dialect == "sglang":
             return _SglRemoved([_signed64(h) for h in ev.block_hashes], ev.medium)
         cls = _VllmRemoved if shape == "map" else _VllmOldRemoved
-        return cls(ev.block_hashes, ev.medium, group_idx=ev.group_idx)
+        return cls(list(ev.block_hashes), ev.medium, group_idx=ev.group_idx)
     if isinstance(ev, AllBlocksCleared):
         return _VllmCleared() if shape == "map" or dialect == "sglang" else _VllmOldCleared()
     raise TypeError(f"not a KV event: {ev!r}")

@@ -9,6 +9,7 @@ decoded batch is an :class:`EventBatch` of :class:`BlockStored`, :class:`BlockRe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,7 @@ class BlockStored:
     so blocks the index already knows never pay for token decoding.
     """
 
-    block_hashes: list[int]
+    block_hashes: Sequence[int]
     parent_hash: int | None = None
     token_ids: list[int] | None = None
     block_size: int | None = None
@@ -113,7 +114,7 @@ class BlockStored:
 class BlockRemoved:
     """Blocks evicted from ``medium`` (``None``: the engine's own device cache)."""
 
-    block_hashes: list[int]
+    block_hashes: Sequence[int]
     medium: str | None = None
     group_idx: int | None = None
 

@@ -57,11 +57,10 @@ Semantics (what the property tests check against a brute-force model)
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from array import array
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, count, repeat
-from operator import ne
 from typing import NamedTuple
 
 from epp import metrics
@@ -73,6 +72,7 @@ from epp.hashing import (
     pack_tokens,
 )
 from epp.kvevents.types import AllBlocksCleared, BlockRemoved, BlockStored, EventError, KvEvent
+from epp.native import U64Map, tokens_u32
 from epp.tiers import Tier
 
 Worker = Hashable
@@ -97,8 +97,8 @@ class _Run:
 
     def __init__(
         self,
-        keys: list[int],
-        engines: list[int],
+        keys: array,
+        engines: array,
         held: int,
         tiers: list[int] | None,
         parent: _Run | None,
@@ -150,14 +150,30 @@ class Matches:
         return Overlap(self.depths.get(worker, 0))
 
 
-def _drain(iterator: object) -> None:
-    """Run an iterator to its end in C, keeping nothing."""
-    deque(iterator, maxlen=0)  # type: ignore[call-overload]
+def _u64s(values: Sequence[int]) -> array:
+    """``values`` as ``array('Q')`` (the form runs keep, so that slices compare with memcmp)."""
+    if values.__class__ is array and values.typecode == "Q":  # type: ignore[attr-defined]
+        return values  # type: ignore[return-value]
+    return array("Q", values)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two sequences (a C-level scan)."""
-    return next(compress(count(), map(ne, a, b)), min(len(a), len(b)))
+    """Length of the longest common prefix of two sequences.
+
+    Bisects with slice comparisons, which are one ``memcmp`` each for ``array('Q')``:
+    O(log n) C calls instead of boxing every element.
+    """
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class KvIndex:
@@ -173,7 +189,7 @@ class KvIndex:
             raise ValueError(f"block size must be positive, got {block_size}")
         self.block_size = block_size
         self._roots: dict[int, _Run] = {}
-        self._by_engine: dict[int, _Run] = {}
+        self._by_engine = U64Map()  # engine hash -> run
         self._runs: set[_Run] = set()
         # Second engine hashes of blocks already known under another one: alias → canonical,
         # and canonical → aliases (to forget them with the block).
@@ -299,8 +315,7 @@ class KvIndex:
         Blocks are applied in order; at the first block that cannot be placed, the rest of
         the event is rejected (a child cannot be placed without its parent).
         """
-        hashes = ev.block_hashes
-        total = len(hashes)
+        total = len(ev.block_hashes)
         if total == 0:
             return 0
         slot = self._slot_of.get(worker)
@@ -315,6 +330,11 @@ class KvIndex:
         if ev.block_size is not None and ev.block_size != self.block_size:
             self._reject("block_size_mismatch", total)
             return 0
+        try:
+            hashes = _u64s(ev.block_hashes)
+        except (OverflowError, TypeError):
+            self._reject("bad_block_hash", total)
+            return 0
         tier = _DEVICE if ev.medium is None else int(ev.tier)
         prev_eh = ev.parent_hash
         prev: tuple[_Run, int] | None = None
@@ -325,7 +345,7 @@ class KvIndex:
                 return 0
 
         bit = 1 << slot
-        local: list[int] | None = None  # kvpick block hashes from block ``local_from`` on
+        local: array | None = None  # kvpick block hashes from block ``local_from`` on
         local_from = 0
         added = 0
         i = 0
@@ -403,22 +423,28 @@ class KvIndex:
             return chain_seed(ev.lora_name, ev.cache_salt)
         return chain_seed(ev.lora_name) if ev.lora_name else CHAIN_SEED
 
-    def _hashes_of(self, ev: BlockStored, start: int, count: int) -> list[int]:
+    def _hashes_of(self, ev: BlockStored, start: int, count: int) -> array:
         """kvpick block hashes of the event's blocks ``start..count-1``.
 
         Raises :class:`EventError` when the token ids are missing, malformed or of the
         wrong length.
         """
-        tokens = ev.tokens()
         size = self.block_size
-        if len(tokens) != count * size:
-            raise EventError(
-                "token_count_mismatch", f"{len(tokens)} token ids for {count} blocks of {size}"
-            )
+        raw = ev.token_ids_msgpack
+        # Straight from the wire into packed u32 when the decoder kept the msgpack array:
+        # no Python int per token.
+        ids = raw if ev.token_ids is None and raw is not None else ev.tokens()
         try:
-            packed = pack_tokens(tokens[start * size :] if start else tokens)
+            packed = tokens_u32(ids) if ids is raw else pack_tokens(ids)
         except ValueError as exc:
             raise EventError("bad_token_ids", str(exc)) from None
+        if len(packed) != 4 * count * size:
+            raise EventError(
+                "token_count_mismatch",
+                f"{len(packed) // 4} token ids for {count} blocks of {size}",
+            )
+        if start:
+            packed = packed[4 * start * size :]
         parent = None
         if ev.parent_hash is not None:
             found = self._locate(ev.parent_hash)
@@ -428,8 +454,8 @@ class KvIndex:
     def _insert(
         self,
         prev: tuple[_Run, int] | None,
-        keys: list[int],
-        hashes: list[int],
+        keys: array,
+        hashes: array,
         start: int,
         bit: int,
         tier: int,
@@ -475,7 +501,7 @@ class KvIndex:
             target.keys.extend(new_keys)
             target.engines.extend(new_engines)
         else:
-            target = _Run(list(new_keys), new_engines, bit, tiers, parent)
+            target = _Run(new_keys, new_engines, bit, tiers, parent)
             old_len = 0
             if tiers is not None:
                 self._offdevice += 1
@@ -487,29 +513,11 @@ class KvIndex:
                 parent.children[first] = target
             self._add_run(target)
 
-        by_engine = self._by_engine
-        before = len(by_engine)
-        # setdefault never overwrites: a hash that is already known, or repeated within the
-        # event, shows up as fewer new entries than blocks.
-        _drain(map(by_engine.setdefault, new_engines, repeat(target)))
-        if len(by_engine) - before == len(new_engines):
-            return len(new_engines)
-        return self._undo_conflicts(target, old_len, new_engines)
-
-    def _undo_conflicts(self, target: _Run, old_len: int, new_engines: list[int]) -> int:
-        """Keep the new blocks before the first repeated or already-known engine hash."""
-        old = set(target.engines[:old_len])
-        seen: set[int] = set()
-        good = len(new_engines)
-        by_engine = self._by_engine
-        for j, eh in enumerate(new_engines):
-            if by_engine.get(eh) is not target or eh in old or eh in seen:
-                good = j
-                break
-            seen.add(eh)
-        for eh in new_engines[good:]:
-            if eh not in seen and eh not in old and self._by_engine.get(eh) is target:
-                del self._by_engine[eh]
+        # insert_new stops at the first engine hash that is already known or repeated
+        # within the event: the blocks before it are kept, the rest are dropped.
+        good = self._by_engine.insert_new(new_engines, target)
+        if good == len(new_engines):
+            return good
         del target.keys[old_len + good :]
         del target.engines[old_len + good :]
         if not target.keys:
@@ -676,9 +684,9 @@ class KvIndex:
             # Split off a run the current sweep has not reached: it must be swept too.
             self._sweep_todo.append(run)
 
-    def _point(self, engines: list[int], run: _Run) -> None:
+    def _point(self, engines: array, run: _Run) -> None:
         """Make each of ``engines`` map to ``run``."""
-        self._by_engine.update(dict.fromkeys(engines, run))
+        self._by_engine.assign(engines, run)
 
     @staticmethod
     def _mergeable(run: _Run, child: _Run) -> bool:
@@ -737,10 +745,7 @@ class KvIndex:
 
     def _forget(self, run: _Run) -> None:
         """Drop a detached run's engine hashes and bookkeeping."""
-        by_engine = self._by_engine
-        for eh in run.engines:
-            if by_engine.get(eh) is run:
-                del by_engine[eh]
+        self._by_engine.discard_if(run.engines, run)
         self._forget_block_extras(run.engines)
         if run.parent is None and self._salted:
             self._salted.pop(run.keys[0], None)
@@ -751,7 +756,7 @@ class KvIndex:
         run.parent = None
         run.children = None
 
-    def _forget_block_extras(self, engines: list[int]) -> None:
+    def _forget_block_extras(self, engines: Sequence[int]) -> None:
         if self._aliases_of:
             for eh in engines:
                 for alias in self._aliases_of.pop(eh, ()):
@@ -817,6 +822,7 @@ class KvIndex:
         run = self._roots.get(keys[0])
         if run is None:
             return result
+        keys = _u64s(keys)
         active = self._live
         tiered = self._offdevice > 0
         levels = [active, active, active]

@@ -540,7 +540,7 @@ def test_decode_full_vllm_033_map_event():
     assert batch.rejected == []
     (got,) = batch.events
     assert isinstance(got, kt.BlockStored)
-    assert got.block_hashes == [11, 12]
+    assert list(got.block_hashes) == [11, 12]
     assert got.parent_hash == 10
     assert got.tokens() == [1, 2, 3, 4]
     assert got.block_size == 2
@@ -576,7 +576,7 @@ def test_decode_array_shape_events():
     assert batch.rejected == []
     stored, removed, cleared = batch.events
     assert isinstance(stored, kt.BlockStored)
-    assert (stored.block_hashes, stored.parent_hash, stored.tokens()) == (
+    assert (list(stored.block_hashes), stored.parent_hash, stored.tokens()) == (
         [11, 12],
         10,
         [1, 2, 3, 4],
@@ -584,7 +584,7 @@ def test_decode_array_shape_events():
     assert (stored.block_size, stored.medium, stored.group_idx) == (2, "GPU", 0)
     assert stored.kv_cache_spec_kind == "full_attention"
     assert isinstance(removed, kt.BlockRemoved)
-    assert (removed.block_hashes, removed.medium, removed.group_idx) == ([11], "CPU", 0)
+    assert (list(removed.block_hashes), removed.medium, removed.group_idx) == ([11], "CPU", 0)
     assert isinstance(cleared, kt.AllBlocksCleared)
     assert batch.dp_rank == 1
 
@@ -613,10 +613,10 @@ def test_decode_mixed_shapes_in_one_batch():
         kt.BlockStored,
         kt.BlockRemoved,
     ]
-    assert batch.events[0].block_hashes == [1]
-    assert batch.events[1].block_hashes == [2]
-    assert batch.events[3].block_hashes == [3, 4]
-    assert batch.events[4].block_hashes == [5]
+    assert list(batch.events[0].block_hashes) == [1]
+    assert list(batch.events[1].block_hashes) == [2]
+    assert list(batch.events[3].block_hashes) == [3, 4]
+    assert list(batch.events[4].block_hashes) == [5]
 
 
 @pytest.mark.parametrize("event", [stored_map(), stored_array()], ids=["map", "array"])
@@ -624,7 +624,7 @@ def test_two_element_batch_has_no_dp_rank(event):
     batch = decode_batch(pack([1.0, [event]]))
     assert batch.dp_rank is None
     assert len(batch.events) == 1
-    assert batch.events[0].block_hashes == [11, 12]
+    assert list(batch.events[0].block_hashes) == [11, 12]
 
 
 @pytest.mark.parametrize(
@@ -640,7 +640,7 @@ def test_map_shaped_batch(batch_map, dp):
     assert batch.ts == 1.0
     assert batch.dp_rank == dp
     assert len(batch.events) == 1
-    assert batch.events[0].block_hashes == [11, 12]
+    assert list(batch.events[0].block_hashes) == [11, 12]
     assert batch.rejected == []
 
 
@@ -674,7 +674,7 @@ def test_unknown_keys_and_trailing_elements_are_ignored():
     assert batch.events[0].tokens() == [1, 2, 3, 4]
     assert batch.events[3].tokens() == [1, 2, 3, 4]
     assert batch.events[3].group_idx == 0
-    assert batch.events[4].block_hashes == [4]
+    assert list(batch.events[4].block_hashes) == [4]
     assert batch.events[4].group_idx == 0
 
 
@@ -749,11 +749,11 @@ def test_hash_forms_decode_to_the_same_u64(values, seed):
         )
         batch = decode_batch(payload)
         assert batch.rejected == []
-        assert batch.events[0].block_hashes == values
+        assert list(batch.events[0].block_hashes) == values
         assert batch.events[0].parent_hash == values[0]
-        assert batch.events[1].block_hashes == values
-        assert batch.events[2].block_hashes == values
-        assert batch.events[3].block_hashes == values
+        assert list(batch.events[1].block_hashes) == values
+        assert list(batch.events[2].block_hashes) == values
+        assert list(batch.events[3].block_hashes) == values
         assert batch.events[3].parent_hash == values[0]
 
 
@@ -762,10 +762,10 @@ def test_hash_forms_known_edges():
     for value in (0, 1, (1 << 63) - 1, 1 << 63, U64_MAX - 4, U64_MAX):
         for form in hash_forms(value, rng):
             batch = decode_batch(pack([0.0, [{"type": "BlockRemoved", "block_hashes": [form]}]]))
-            assert batch.events[0].block_hashes == [value], form
+            assert list(batch.events[0].block_hashes) == [value], form
     # Signed -1 is the all-ones value; digests shorter than 8 bytes are read whole.
     batch = decode_batch(pack([0.0, [["BlockRemoved", [-1, b"\x01\x00"]]]]))
-    assert batch.events[0].block_hashes == [U64_MAX, 256]
+    assert list(batch.events[0].block_hashes) == [U64_MAX, 256]
 
 
 def test_token_ids_are_decoded_lazily():
@@ -795,7 +795,7 @@ def test_bad_token_ids_surface_when_tokens_are_asked_for(token_ids, shape):
     assert batch.rejected == []
     assert len(batch.events) == 2
     stored = batch.events[0]
-    assert stored.block_hashes == [11, 12]
+    assert list(stored.block_hashes) == [11, 12]
     with pytest.raises(kt.EventError) as info:
         stored.tokens()
     assert info.value.reason == "bad_token_ids"
@@ -838,7 +838,7 @@ def test_cache_salt_from_sglang_field():
     batch = decode_batch(pack([1.0, [ev], 2]))
     got = batch.events[0]
     assert got.cache_salt == "tenant-b"
-    assert got.block_hashes == [U64_MAX - 1]
+    assert list(got.block_hashes) == [U64_MAX - 1]
     assert got.lora_name == "ad"
     assert got.medium == "CPU_PINNED"
     assert batch.dp_rank == 2
@@ -1035,7 +1035,7 @@ def assert_rejected(event: Any, reason: str) -> None:
     good = {"type": "BlockRemoved", "block_hashes": [42]}
     batch = decode_batch(pack([1.0, [good, event, ["AllBlocksCleared"]], 0]))
     assert [type(e) for e in batch.events] == [kt.BlockRemoved, kt.AllBlocksCleared]
-    assert batch.events[0].block_hashes == [42]
+    assert list(batch.events[0].block_hashes) == [42]
     assert len(batch.rejected) == 1
     assert batch.rejected[0][0] == reason
     assert isinstance(batch.rejected[0][1], str)
@@ -1190,7 +1190,7 @@ def test_invalid_utf8_inside_an_event_rejects_only_that_event(event):
     batch = check_decode(payload)
     assert batch is not None
     assert [type(e) for e in batch.events] == [kt.BlockRemoved, kt.AllBlocksCleared]
-    assert batch.events[0].block_hashes == [42]
+    assert list(batch.events[0].block_hashes) == [42]
     assert len(batch.rejected) == 1
     assert batch.rejected[0][0] in EVENT_REASONS
 
@@ -1334,5 +1334,5 @@ def test_ext_values_anywhere_never_escape(ext):
     ):
         batch = check_decode(batch_of(good, event))
         assert batch is not None
-        assert batch.events[0].block_hashes == [42]
+        assert list(batch.events[0].block_hashes) == [42]
         assert len(batch.events) + len(batch.rejected) == 2

@@ -94,7 +94,7 @@ def test_live_frames_and_replay(topic_frame):
         assert not sub.poll(200), "an unsent batch went out"
         batch = decode_batch(got[0].payload)
         assert batch.dp_rank == 0 and batch.ts == 1.5
-        assert batch.events[0].block_hashes == [1, 2]
+        assert list(batch.events[0].block_hashes) == [1, 2]
 
         dealer.send_multipart(frames.replay_request(first + 1))
         replies = []
