@@ -71,9 +71,11 @@ def engine_hashes(values: list[int | bytes]) -> list[int]:
 class BlockStored:
     """Blocks that became full and cached, in order: each block's parent is the one before it.
 
-    ``token_ids`` holds ``block_size`` ids per block. Decoders may leave them undecoded in
-    ``token_ids_msgpack`` (the original msgpack array); :meth:`tokens` decodes on first use,
-    so blocks the index already knows never pay for token decoding.
+    ``block_hashes`` are normalised engine hashes: a list, or an ``array('Q')`` as the
+    msgpack decoder gives them. ``token_ids`` holds ``block_size`` ids per block. Decoders
+    may leave them undecoded in ``token_ids_msgpack`` (the original msgpack array);
+    :meth:`tokens` decodes on first use, so blocks the index already knows never pay for
+    token decoding.
     """
 
     block_hashes: Sequence[int]

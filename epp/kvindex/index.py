@@ -13,21 +13,22 @@ Structure, and why
       it; its children are keyed by their first block's key. Workers serving one model share
       most prefixes (system prompts, documents), so a shared prefix is stored once, and a
       1,000-block conversation held by one worker is one node, not 1,000.
-    * **Why runs.** On the CI machine a random access into a dict of a million entries
-      costs about 0.3 µs even from C, so what a Python index can afford per block is a
-      small, fixed number of C-level operations. With runs, a query walks a handful of
-      nodes and compares key slices in C; a worker storing blocks another worker already
-      announced costs one slice comparison per run (no token decoding, no hashing: engine
-      hashes are content hashes, so equal engine hashes mean equal blocks); and a new block
-      costs one dict insert (its engine hash) plus list appends.
+    * **Why runs.** What a Python index can afford per block is a small, fixed number of
+      C-level operations and no Python object. With runs, a query walks a handful of nodes
+      and compares key slices with ``memcmp`` (keys and engine hashes are ``array('Q')``);
+      a worker storing blocks another worker already announced costs one slice comparison
+      per run (no token decoding, no hashing: engine hashes are content hashes, so equal
+      engine hashes mean equal blocks); and a new block costs one slot in the engine-hash
+      map plus two array slots.
     * **Holder sets are bitmasks.** Each worker gets a bit; a run's ``held`` is an int.
       Walking a prompt's path, ``active &= run.held`` leaves exactly the workers that hold
       every block so far, so a block an engine evicted in the middle of a chain (a *hole*)
       ends that worker's match where it should, with no extra bookkeeping.
     * **Engine hashes are a second way in.** ``BlockRemoved`` names blocks by engine hash
-      and ``BlockStored`` names its parent by engine hash, so a dict maps every engine hash
-      to its run (the offset is found in the run's list). kvpick's own keys are computed
-      from token ids only for blocks new to the index.
+      and ``BlockStored`` names its parent by engine hash, so a map
+      (:class:`epp.native.U64Map`, 16 bytes a slot) takes every engine hash to its run (the
+      offset is found in the run's array). kvpick's own keys are computed from token ids
+      only for blocks new to the index, straight from the event's msgpack bytes.
     * **Runs split and merge.** When holders diverge inside a run (a worker stores or evicts
       part of it), the run splits; when neighbours end up with equal holders they merge.
       Both move the shorter side, so eviction in vLLM's order (tail first) costs O(1) per
