@@ -544,46 +544,22 @@ static void keys_close(key_source *src)
     Py_XDECREF(src->seq);
 }
 
-static PyObject *map_insert_new(kvp_map *m, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "insert_new(keys, value)");
-        return NULL;
-    }
-    key_source src;
-    if (keys_open(args[0], &src) < 0)
-        return NULL;
-    Py_ssize_t done = 0;
-    if (kvp_reserve(m, (size_t)src.n) < 0)
-        goto fail;
-    for (; done < src.n; done++) {
-        uint64_t k;
-        if (keys_get(&src, done, &k) < 0)
-            goto fail;
-        kvp_slot *s = kvp_find(m, k);
-        if (s->value != NULL)
-            break;
-        s->key = k;
-        s->value = Py_NewRef(args[1]);
-        m->used++;
-    }
-    keys_close(&src);
-    return PyLong_FromSsize_t(done);
-fail:
-    keys_close(&src);
-    return NULL;
-}
+/* The three bulk operations share their argument handling; they differ per key. */
+enum { BULK_INSERT_NEW, BULK_ASSIGN, BULK_DISCARD_IF };
 
-static PyObject *map_assign(kvp_map *m, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *map_bulk(kvp_map *m, PyObject *const *args, Py_ssize_t nargs, int op,
+                          const char *usage)
 {
     if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "assign(keys, value)");
+        PyErr_SetString(PyExc_TypeError, usage);
         return NULL;
     }
+    PyObject *value = args[1];
     key_source src;
     if (keys_open(args[0], &src) < 0)
         return NULL;
-    if (kvp_reserve(m, (size_t)src.n) < 0)
+    Py_ssize_t done = 0; /* inserted, or removed */
+    if (op != BULK_DISCARD_IF && kvp_reserve(m, (size_t)src.n) < 0)
         goto fail;
     for (Py_ssize_t i = 0; i < src.n; i++) {
         uint64_t k;
@@ -591,46 +567,47 @@ static PyObject *map_assign(kvp_map *m, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         kvp_slot *s = kvp_find(m, k);
         PyObject *old = s->value;
+        if (op == BULK_DISCARD_IF) {
+            if (old != NULL && old == value) {
+                kvp_unlink(m, s);
+                Py_DECREF(old);
+                done++;
+            }
+            continue;
+        }
+        if (old != NULL && op == BULK_INSERT_NEW)
+            break; /* the first key already present ends the insertion */
         s->key = k;
-        s->value = Py_NewRef(args[1]);
-        if (old == NULL)
+        s->value = Py_NewRef(value);
+        if (old == NULL) {
             m->used++;
-        else
+            done++;
+        } else {
             Py_DECREF(old);
+        }
     }
     keys_close(&src);
-    Py_RETURN_NONE;
+    if (op == BULK_ASSIGN)
+        Py_RETURN_NONE;
+    return PyLong_FromSsize_t(done);
 fail:
     keys_close(&src);
     return NULL;
 }
 
+static PyObject *map_insert_new(kvp_map *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    return map_bulk(m, args, nargs, BULK_INSERT_NEW, "insert_new(keys, value)");
+}
+
+static PyObject *map_assign(kvp_map *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    return map_bulk(m, args, nargs, BULK_ASSIGN, "assign(keys, value)");
+}
+
 static PyObject *map_discard_if(kvp_map *m, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "discard_if(keys, value)");
-        return NULL;
-    }
-    key_source src;
-    if (keys_open(args[0], &src) < 0)
-        return NULL;
-    Py_ssize_t gone = 0;
-    for (Py_ssize_t i = 0; i < src.n; i++) {
-        uint64_t k;
-        if (keys_get(&src, i, &k) < 0) {
-            keys_close(&src);
-            return NULL;
-        }
-        kvp_slot *s = kvp_find(m, k);
-        if (s->value != NULL && s->value == args[1]) {
-            PyObject *old = s->value;
-            kvp_unlink(m, s);
-            Py_DECREF(old);
-            gone++;
-        }
-    }
-    keys_close(&src);
-    return PyLong_FromSsize_t(gone);
+    return map_bulk(m, args, nargs, BULK_DISCARD_IF, "discard_if(keys, value)");
 }
 
 static PyObject *map_items(kvp_map *m, PyObject *unused)
