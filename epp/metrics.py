@@ -43,3 +43,8 @@ KV_EVENT_WORKERS = Gauge(
     "kvpick_kv_event_workers",
     "Worker publishers (endpoint, dp rank) the EPP is subscribed to.",
 )
+DISCOVERY_ERRORS = Counter(
+    "kvpick_discovery_errors",
+    "Discovery updates that could not be used and were skipped (the last good state stays)",
+    ["source"],
+)
