@@ -38,6 +38,8 @@ from typing import Any
 import msgspec
 import xxhash
 
+from epp.kvevents.types import engine_hashes
+
 log = logging.getLogger(__name__)
 
 _U64 = (1 << 64) - 1
@@ -68,16 +70,6 @@ def py_tokens_u32(raw: Any) -> bytes:
     return py_pack_u32(ids)
 
 
-def _hash_value(value: Any) -> int:
-    if value.__class__ is int:
-        return value & _U64
-    if value.__class__ is bytes:
-        if not value:
-            raise ValueError("empty block hash")
-        return int.from_bytes(value[-8:], "big")
-    raise ValueError("a block hash must be an integer or bytes")
-
-
 def py_u64s(raw: Any) -> array:
     try:
         values = _decode_any(raw)
@@ -85,7 +77,7 @@ def py_u64s(raw: Any) -> array:
         raise ValueError(str(exc)) from None
     if not isinstance(values, list):
         raise ValueError("expected a msgpack array")
-    return array("Q", [_hash_value(v) for v in values])
+    return array("Q", engine_hashes(values))  # EventError is a ValueError
 
 
 def py_block_keys(packed: Any, block_size: int, seed: int) -> array:
@@ -100,10 +92,13 @@ def py_block_keys(packed: Any, block_size: int, seed: int) -> array:
     return array("Q", [xxh3(data[end - width : end], seed) for end in ends])
 
 
-def _u64_keys(keys: Iterable[int]) -> array:
-    if keys.__class__ is array and keys.typecode == "Q":  # type: ignore[attr-defined]
-        return keys  # type: ignore[return-value]
-    return array("Q", keys)  # OverflowError for keys outside [0, 2**64)
+def as_u64_array(values: Iterable[int]) -> array:
+    """``values`` as ``array('Q')``, without a copy when they already are one.
+
+    OverflowError for values outside ``[0, 2**64)``."""
+    if values.__class__ is array and values.typecode == "Q":  # type: ignore[attr-defined]
+        return values  # type: ignore[return-value]
+    return array("Q", values)
 
 
 class PyU64Map(dict):
@@ -112,14 +107,14 @@ class PyU64Map(dict):
     __slots__ = ()
 
     def __setitem__(self, key: int, value: object) -> None:
-        dict.__setitem__(self, _u64_keys([key])[0], value)
+        dict.__setitem__(self, as_u64_array([key])[0], value)
 
     def insert_new(self, keys: Iterable[int], value: object) -> int:
         """Map keys to ``value`` in order, stopping at the first key already present (a
         repeat within ``keys`` included); returns how many were inserted."""
         done = 0
         setitem = dict.__setitem__
-        for key in _u64_keys(keys):
+        for key in as_u64_array(keys):
             if key in self:
                 break
             setitem(self, key, value)
@@ -128,7 +123,7 @@ class PyU64Map(dict):
 
     def assign(self, keys: Iterable[int], value: object) -> None:
         """Map every key to ``value``, replacing what was there."""
-        self.update(dict.fromkeys(_u64_keys(keys), value))
+        self.update(dict.fromkeys(as_u64_array(keys), value))
 
     def discard_if(self, keys: Iterable[int], value: object) -> int:
         """Remove the keys that map to ``value`` (identity); returns how many."""

@@ -57,13 +57,9 @@ def engine_hash(value: int | bytes) -> int:
 def engine_hashes(values: list[int | bytes]) -> list[int]:
     """Normalise a list of engine block hashes, each an int or bytes (see :func:`engine_hash`).
 
-    The common case, vLLM's unsigned ints, is checked in C and returned as is.
+    This is the pure-Python path; the msgpack decoder normally does this in C
+    (:func:`epp.native.u64s`).
     """
-    try:
-        if values and min(values) >= 0 and max(values) <= U64_MASK:
-            return values  # type: ignore[return-value]
-    except TypeError:  # bytes among them
-        pass
     return [engine_hash(v) for v in values]
 
 

@@ -73,7 +73,7 @@ from epp.hashing import (
     pack_tokens,
 )
 from epp.kvevents.types import AllBlocksCleared, BlockRemoved, BlockStored, EventError, KvEvent
-from epp.native import U64Map, tokens_u32
+from epp.native import U64Map, as_u64_array, tokens_u32
 from epp.tiers import Tier
 
 Worker = Hashable
@@ -149,13 +149,6 @@ class Matches:
         if found is not None:
             return found
         return Overlap(self.depths.get(worker, 0))
-
-
-def _u64s(values: Sequence[int]) -> array:
-    """``values`` as ``array('Q')`` (the form runs keep, so that slices compare with memcmp)."""
-    if values.__class__ is array and values.typecode == "Q":  # type: ignore[attr-defined]
-        return values  # type: ignore[return-value]
-    return array("Q", values)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -332,7 +325,7 @@ class KvIndex:
             self._reject("block_size_mismatch", total)
             return 0
         try:
-            hashes = _u64s(ev.block_hashes)
+            hashes = as_u64_array(ev.block_hashes)
         except (OverflowError, TypeError):
             self._reject("bad_block_hash", total)
             return 0
@@ -823,7 +816,7 @@ class KvIndex:
         run = self._roots.get(keys[0])
         if run is None:
             return result
-        keys = _u64s(keys)
+        keys = as_u64_array(keys)
         active = self._live
         tiered = self._offdevice > 0
         levels = [active, active, active]

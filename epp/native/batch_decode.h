@@ -271,14 +271,11 @@ static int kvp_read_field(kvp_rd *r, kvp_fields *f, int id,
             return -1;
         if (kvp_skip(r, 0) < 0)
             return -1;
-        v = PyBytes_FromStringAndSize((const char *)start, r->end == start ? 0 : r->p - start);
+        v = PyBytes_FromStringAndSize((const char *)start, r->p - start);
         break;
     case F_BLOCK_SIZE:
     case F_GROUP:
-        v = kvp_read_int_or_nil(r);
-        break;
-    case F_LORA_ID:
-        /* Typed Any in Python: only an int (or nil) is kept; decline anything else. */
+    case F_LORA_ID: /* typed Any in Python, which keeps only an int: decline anything else */
         v = kvp_read_int_or_nil(r);
         break;
     case F_MEDIUM:
