@@ -1,11 +1,11 @@
-"""kvpick's own Prometheus metrics (the GAIE-named ones arrive with the EPP).
+"""The EPP's Prometheus metrics: the reference EPP's names (no prefix) and kvpick's own.
 
 Every metric kvpick exports is declared here, once, on the default registry.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 KV_EVENTS_DROPPED = Counter(
     "kvpick_kv_events_dropped",
@@ -47,4 +47,42 @@ DISCOVERY_ERRORS = Counter(
     "kvpick_discovery_errors",
     "Discovery updates that could not be used and were skipped (the last good state stays)",
     ["source"],
+)
+
+# --- The reference EPP's request metrics (specs/epp-protocol.md §12), same names and labels.
+REQUESTS = Counter(
+    "inference_objective_request",
+    "Requests routed, by model, target model and priority.",
+    ["model_name", "target_model_name", "priority"],
+)
+REQUEST_ERRORS = Counter(
+    "inference_objective_request_error",
+    "Requests that failed, by model, target model and error code.",
+    ["model_name", "target_model_name", "error_code"],
+)
+RUNNING = Gauge(
+    "inference_objective_running_requests",
+    "Requests routed and not yet finished, by model.",
+    ["model_name"],
+)
+REQUEST_DURATION = Histogram(
+    "inference_objective_request_duration_seconds",
+    "Time from routing to the end of the response, by model.",
+    ["model_name", "target_model_name"],
+    buckets=(0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2, 102.4, 300),
+)
+SCHEDULER_E2E = Histogram(
+    "inference_extension_scheduler_e2e_duration_seconds",
+    "Time the EPP spends deciding one request (parse, tokenize, match, score, book).",
+    buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1),
+)
+READY_PODS = Gauge(
+    "inference_pool_ready_pods",
+    "Endpoints in the pool, by pool name.",
+    ["name"],
+)
+SERVED_MISMATCH = Counter(
+    "kvpick_served_endpoint_mismatch",
+    "Responses served by another endpoint than the one picked (gateway retries); the "
+    "booked load moved to the serving endpoint.",
 )

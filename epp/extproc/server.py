@@ -1,0 +1,125 @@
+"""The ext_proc gRPC server (:9002) and the health server (:9003).
+
+The ``Process`` method is registered as a raw-bytes stream-stream handler: messages go
+through :mod:`epp.extproc.wire`, not through generated protobuf classes, because the
+per-message cost bounds how many token streams one EPP relays.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from epp.extproc import health, tls
+from epp.extproc.stream import ExtProcStream, Router
+
+log = logging.getLogger(__name__)
+
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+"""Default gRPC send/receive limit: a BUFFERED gateway sends the whole body in one message,
+and Python gRPC's own 4 MiB default would fail long prompts."""
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Where and how to serve. ``cert_path`` None with ``secure`` makes a self-signed
+    certificate; ``host`` is the listen address (all interfaces by default)."""
+
+    grpc_port: int = 9002
+    health_port: int = 9003
+    host: str = "0.0.0.0"
+    secure: bool = True
+    cert_path: str | None = None
+    max_recv: int = DEFAULT_MAX_MESSAGE
+    max_send: int = DEFAULT_MAX_MESSAGE
+    health_on_grpc_port: bool = False
+
+
+def process_handler(router: Router) -> grpc.GenericRpcHandler:
+    """The ``ExternalProcessor/Process`` handler, one :class:`ExtProcStream` per call."""
+
+    async def process(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        stream = ExtProcStream(router)
+        handle = stream.handle
+        try:
+            async for data in requests:
+                for out in handle(data):
+                    yield out
+        finally:
+            stream.close()
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE, {"Process": grpc.stream_stream_rpc_method_handler(process)}
+    )
+
+
+class ExtProcServer:
+    """The two gRPC servers of the EPP. ``is_serving(service)`` answers health checks."""
+
+    def __init__(
+        self, router: Router, config: ServerConfig, is_serving: Callable[[str], bool]
+    ) -> None:
+        self.config = config
+        self._router = router
+        self._is_serving = is_serving
+        self._grpc: grpc.aio.Server | None = None
+        self._health: grpc.aio.Server | None = None
+        self.grpc_port = config.grpc_port
+        self.health_port = config.health_port
+
+    async def start(self) -> None:
+        """Bind both ports and start serving; raises OSError-like errors on bind failure."""
+        cfg = self.config
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_recv),
+            ("grpc.max_send_message_length", cfg.max_send),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((process_handler(self._router),))
+        if cfg.health_on_grpc_port:
+            server.add_generic_rpc_handlers((health.health_handler(lambda _name: True),))
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        if cfg.secure:
+            if cfg.cert_path:
+                key, cert = tls.load(cfg.cert_path)
+                where = cfg.cert_path
+            else:
+                key, cert = tls.self_signed()
+                where = "self-signed"
+            port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = server.add_insecure_port(address)
+            where = "plaintext"
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.grpc_port = port
+        hserver = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        hserver.add_generic_rpc_handlers((health.health_handler(self._is_serving),))
+        hport = hserver.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+        if hport == 0:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.health_port}")
+        self.health_port = hport
+        await server.start()
+        await hserver.start()
+        self._grpc, self._health = server, hserver
+        log.info(
+            "ext_proc listening on %s:%d (%s); health on :%d",
+            cfg.host,
+            port,
+            where,
+            hport,
+        )
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting streams; streams in flight get ``grace`` seconds to finish."""
+        for server in (self._grpc, self._health):
+            if server is not None:
+                await server.stop(grace)
+        self._grpc = self._health = None

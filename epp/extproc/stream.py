@@ -1,0 +1,396 @@
+"""One ext_proc stream (one HTTP request through the gateway): message order and bodies.
+
+:class:`ExtProcStream` turns each incoming ``ProcessingRequest`` into the responses the
+gateway expects, in the order specs/epp-protocol.md §3 gives, and leaves the routing
+decision to a :class:`Router`:
+
+* FULL_DUPLEX_STREAMED request bodies (the Inference Extension's mode, and the default
+  when the gateway does not say): nothing is sent while the body arrives; after the last
+  chunk come exactly one headers response (destination header, ``envoy.lb`` metadata,
+  ``clear_route_cache``, ``Content-Length``) and then the body in ``streamed_response``
+  chunks of at most :data:`BODY_CHUNK` bytes, ``end_of_stream`` on the last;
+* BUFFERED request bodies: the headers get an empty reply at once, and the reply to the
+  whole body carries the header mutations and the new body;
+* bodyless requests (headers with ``end_of_stream``) are routed on the headers alone;
+* response headers are answered at once; response-body chunks are echoed one by one in
+  FULL_DUPLEX_STREAMED mode and acknowledged otherwise; trailers get empty replies;
+* a repeated end of stream, and anything after the request was answered with an
+  ImmediateResponse, is ignored;
+* :meth:`ExtProcStream.close` always tells the router how the exchange ended, so booked
+  load is released exactly once on every path (complete, error, reset, cancel).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+from epp import headers as H
+from epp.extproc import wire
+
+log = logging.getLogger(__name__)
+
+BODY_CHUNK = 62_000
+"""Largest body chunk sent back to the gateway (a margin under Envoy's 64 KiB)."""
+
+_json = msgspec.json.Encoder()
+
+
+class RoutingError(Exception):
+    """The request gets an ImmediateResponse with ``status`` and a JSON body saying why."""
+
+    def __init__(self, status: int, reason: str, kind: str = "") -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.kind = kind or _ERROR_KINDS.get(status, "Internal")
+
+
+_ERROR_KINDS = {
+    400: "BadRequest",
+    404: "NotFound",
+    429: "ResourceExhausted",
+    500: "Internal",
+    503: "ServiceUnavailable",
+}
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What the router gets to decide on.
+
+    ``headers`` maps lower-case names to values (the last one wins); ``body`` is None for
+    a bodyless request; ``metadata`` is the stream's ``filter_metadata``.
+    """
+
+    request_id: str
+    path: str
+    method: str
+    headers: dict[str, str]
+    body: bytes | None
+    metadata: Mapping[str, Any]
+
+
+@dataclass(slots=True)
+class Routed:
+    """A routing decision as the stream applies it.
+
+    ``destination`` is the ``ip:port[,ip:port…]`` value of the destination header and
+    metadata; ``body`` replaces the request body when not None; ``set_headers`` are added
+    (overwriting); ``state`` is the router's own bookkeeping handle, handed back in the
+    response-phase calls.
+    """
+
+    destination: str
+    set_headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    state: Any = None
+
+
+class Router(Protocol):
+    """What the stream needs from request handling (implemented by the director)."""
+
+    def route(self, info: RequestInfo) -> Routed:
+        """Pick endpoints; raise :class:`RoutingError` for an ImmediateResponse."""
+        ...
+
+    def response_headers(
+        self, routed: Routed, status: int, served: str | None, streaming: bool
+    ) -> list[tuple[str, str]]:
+        """The response started; returns headers to add to it."""
+        ...
+
+    def first_byte(self, routed: Routed) -> None:
+        """The first response-body byte arrived (prefill is done)."""
+        ...
+
+    def finished(self, routed: Routed, outcome: str) -> None:
+        """The exchange is over: ``complete``, ``error`` or ``aborted``. Called once."""
+        ...
+
+
+def error_body(status: int, kind: str, reason: str) -> bytes:
+    """The JSON body of an ImmediateResponse (OpenAI's error shape)."""
+    return _json.encode({"error": {"message": reason, "type": kind, "code": status}})
+
+
+def _served_endpoint(req: wire.ExtProcRequest) -> str | None:
+    lb = req.metadata.get(H.LB_NAMESPACE)
+    if isinstance(lb, dict):
+        served = lb.get(H.DESTINATION_SERVED)
+        if isinstance(served, str) and served:
+            return served
+    # Envoy can send the upstream address as an attribute (response_attributes:
+    # [upstream.address]); gateways that do not write the served key still get it right.
+    for attrs in req.attributes.values():
+        if isinstance(attrs, dict):
+            addr = attrs.get("upstream.address")
+            if isinstance(addr, str) and addr:
+                return addr
+    return None
+
+
+class ExtProcStream:
+    """The state of one ext_proc stream; feed it with :meth:`handle`."""
+
+    __slots__ = (
+        "_aborted",
+        "_body",
+        "_done_request",
+        "_finished",
+        "_first_byte_seen",
+        "_headers",
+        "_metadata",
+        "_pairs",
+        "_request_mode",
+        "_response_mode",
+        "_response_status",
+        "_routed",
+        "_router",
+    )
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._pairs: list[tuple[str, str]] = []
+        self._headers: dict[str, str] = {}
+        self._body = bytearray()
+        self._metadata: dict[str, Any] = {}
+        self._request_mode = wire.BODY_FULL_DUPLEX_STREAMED
+        self._response_mode = wire.BODY_FULL_DUPLEX_STREAMED
+        self._routed: Routed | None = None
+        self._done_request = False  # the request phase was answered (routed or refused)
+        self._aborted = False  # an ImmediateResponse was sent: nothing more to do
+        self._first_byte_seen = False
+        self._finished = False
+        self._response_status = 0
+
+    # ------------------------------------------------------------- dispatch
+
+    def handle(self, data: bytes) -> Sequence[bytes]:
+        """The responses to one encoded ``ProcessingRequest`` (possibly none)."""
+        if self._aborted:
+            return ()
+        try:
+            req = wire.decode_request(data)
+        except wire.WireError as exc:
+            log.warning("undecodable ext_proc message: %s", exc)
+            return self._refuse(RoutingError(400, f"undecodable ext_proc message: {exc}"))
+        if req.metadata:
+            for key, value in req.metadata.items():
+                self._metadata[key] = value
+        if req.protocol_config is not None:
+            # Present means the gateway states its modes; NONE (0) then really is NONE.
+            self._request_mode = req.protocol_config.request_body_mode
+            self._response_mode = req.protocol_config.response_body_mode
+        kind = req.kind
+        if kind == wire.RESPONSE_BODY:
+            return self._response_body(req)
+        if kind == wire.REQUEST_BODY:
+            return self._request_body(req)
+        if kind == wire.REQUEST_HEADERS:
+            return self._request_headers(req)
+        if kind == wire.RESPONSE_HEADERS:
+            return self._response_headers(req)
+        if kind == wire.REQUEST_TRAILERS:
+            return self._request_trailers()
+        if kind == wire.RESPONSE_TRAILERS:
+            self._finish("complete" if self._response_status < 400 else "error")
+            return (wire.encode_trailers_response(request=False),)
+        log.warning("ext_proc message with no request field ignored")
+        return ()
+
+    def close(self) -> None:
+        """The stream ended: release whatever the exchange still holds."""
+        self._finish("aborted")
+
+    # -------------------------------------------------------------- request
+
+    def _request_headers(self, req: wire.ExtProcRequest) -> Sequence[bytes]:
+        pairs = req.headers or []
+        self._pairs = pairs
+        self._headers = {k.lower(): v for k, v in pairs}
+        mode = self._request_mode
+        if req.end_of_stream or mode == wire.BODY_NONE:
+            return self._route(None, final=True)
+        if mode == wire.BODY_BUFFERED or mode == wire.BODY_BUFFERED_PARTIAL:
+            return (wire.encode_headers_response(),)
+        if mode == wire.BODY_STREAMED:
+            return self._refuse(
+                RoutingError(
+                    500,
+                    "the gateway sends the request body in STREAMED mode; configure "
+                    "FULL_DUPLEX_STREAMED (or BUFFERED) for the EPP's ext_proc filter",
+                )
+            )
+        return ()  # FULL_DUPLEX_STREAMED: the reply waits for the whole body
+
+    def _request_body(self, req: wire.ExtProcRequest) -> Sequence[bytes]:
+        if self._done_request:
+            return ()  # a chunk after the end of the body (a repeated end_of_stream)
+        self._body += req.body
+        if not req.end_of_stream:
+            return ()
+        return self._route(bytes(self._body), final=True)
+
+    def _request_trailers(self) -> Sequence[bytes]:
+        if self._done_request:
+            return (wire.encode_trailers_response(),)
+        # The body ended without end_of_stream because trailers end the request.
+        out = list(self._route(bytes(self._body), final=False))
+        if not self._aborted:
+            out.append(wire.encode_trailers_response())
+        return out
+
+    def _request_info(self, body: bytes | None) -> RequestInfo:
+        h = self._headers
+        request_id = h.get(H.REQUEST_ID) or ""
+        return RequestInfo(
+            request_id=request_id,
+            path=h.get(":path") or h.get("x-original-path") or h.get("x-forwarded-path") or "",
+            method=h.get(":method", ""),
+            headers=h,
+            body=body,
+            metadata=self._metadata,
+        )
+
+    def _route(self, body: bytes | None, *, final: bool) -> Sequence[bytes]:
+        self._done_request = True
+        info = self._request_info(body)
+        generated_id = not info.request_id
+        if generated_id:
+            info.request_id = str(uuid.uuid4())
+        try:
+            routed = self._router.route(info)
+        except RoutingError as exc:
+            return self._refuse(exc)
+        except Exception:
+            log.exception("routing request %s failed", info.request_id)
+            return self._refuse(RoutingError(500, "internal error while routing"))
+        self._routed = routed
+        set_headers: list[tuple[str, str]] = [(H.DESTINATION, routed.destination)]
+        set_headers.extend(routed.set_headers)
+        if generated_id:
+            set_headers.append((H.REQUEST_ID, info.request_id))
+        new_body = body if routed.body is None else routed.body
+        if body is not None and new_body is not None:
+            set_headers.append(("content-length", str(len(new_body))))
+        already = {name for name, _ in set_headers}
+        remove = [name for name in H.STEERING if name in self._headers and name not in already]
+        metadata = {H.LB_NAMESPACE: {H.DESTINATION: routed.destination, **routed.metadata}}
+        mode = self._request_mode
+        if body is None:
+            return (
+                wire.encode_headers_response(
+                    set_headers=set_headers,
+                    remove_headers=remove,
+                    clear_route_cache=True,
+                    dynamic_metadata=metadata,
+                ),
+            )
+        if mode == wire.BODY_BUFFERED or mode == wire.BODY_BUFFERED_PARTIAL:
+            return (
+                wire.encode_buffered_body_response(
+                    set_headers=set_headers,
+                    remove_headers=remove,
+                    clear_route_cache=True,
+                    body=None if routed.body is None else new_body,
+                    dynamic_metadata=metadata,
+                ),
+            )
+        out = [
+            wire.encode_headers_response(
+                set_headers=set_headers,
+                remove_headers=remove,
+                clear_route_cache=True,
+                dynamic_metadata=metadata,
+            )
+        ]
+        assert new_body is not None
+        out.extend(_chunks(new_body, end_of_stream=final, request=True))
+        return out
+
+    def _refuse(self, exc: RoutingError) -> Sequence[bytes]:
+        self._done_request = True
+        self._aborted = True
+        self._finish("error")
+        resp_headers: list[tuple[str, str]] = [("content-type", "application/json")]
+        if exc.status == 429:
+            resp_headers.append(("retry-after", "1"))
+        return (
+            wire.encode_immediate_response(
+                exc.status,
+                error_body(exc.status, exc.kind, exc.reason),
+                headers=resp_headers,
+                details=f"kvpick_{exc.kind}",
+            ),
+        )
+
+    # ------------------------------------------------------------- response
+
+    def _response_headers(self, req: wire.ExtProcRequest) -> Sequence[bytes]:
+        status = 0
+        streaming = False
+        for name, value in req.headers or ():
+            lname = name.lower()
+            if lname == ":status":
+                status = int(value) if value.isdigit() else 0
+            elif lname == "content-type":
+                streaming = "text/event-stream" in value
+        self._response_status = status
+        extra: list[tuple[str, str]] = []
+        if self._routed is not None:
+            try:
+                extra = self._router.response_headers(
+                    self._routed, status, _served_endpoint(req), streaming
+                )
+            except Exception:
+                log.exception("response hook failed")
+        if req.end_of_stream:
+            self._finish("complete" if status < 400 else "error")
+        return (wire.encode_headers_response(request=False, set_headers=extra),)
+
+    def _response_body(self, req: wire.ExtProcRequest) -> Sequence[bytes]:
+        if not self._first_byte_seen and (req.body or req.end_of_stream):
+            self._first_byte_seen = True
+            if self._routed is not None:
+                try:
+                    self._router.first_byte(self._routed)
+                except Exception:
+                    log.exception("first-byte hook failed")
+        if req.end_of_stream:
+            self._finish("complete" if self._response_status < 400 else "error")
+        if self._response_mode != wire.BODY_FULL_DUPLEX_STREAMED:
+            return (wire.encode_buffered_body_response(request=False),)
+        if len(req.body) <= BODY_CHUNK:
+            return (wire.encode_streamed_body(req.body, req.end_of_stream, request=False),)
+        return _chunks(req.body, end_of_stream=req.end_of_stream, request=False)
+
+    def _finish(self, outcome: str) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._routed is not None:
+            try:
+                self._router.finished(self._routed, outcome)
+            except Exception:
+                log.exception("completion hook failed")
+
+
+def _chunks(body: bytes, *, end_of_stream: bool, request: bool) -> list[bytes]:
+    """``body`` as streamed body responses of at most :data:`BODY_CHUNK` bytes each."""
+    if not body:
+        return [wire.encode_streamed_body(b"", end_of_stream, request=request)]
+    view = memoryview(body)
+    n = len(body)
+    return [
+        wire.encode_streamed_body(
+            view[i : i + BODY_CHUNK], end_of_stream and i + BODY_CHUNK >= n, request=request
+        )
+        for i in range(0, n, BODY_CHUNK)
+    ]
