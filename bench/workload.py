@@ -151,9 +151,7 @@ def generate(
 
     rng = random.Random(seed)
     pool = [rng.randrange(vocab) for _ in range(1 << 18)]
-    system = [
-        _chain(rng, pool, block_size, None, rng.randint(64, 256)) for _ in range(tenants)
-    ]
+    system = [_chain(rng, pool, block_size, None, rng.randint(64, 256)) for _ in range(tenants)]
     caches = [WorkerCache(capacity) for _ in range(workers)]
     batches: list[tuple[int, list]] = []
     open_convs: list[tuple[int, int, list[Block]]] = []  # (tenant, worker, prompt blocks)
@@ -186,9 +184,7 @@ def generate(
             parent = blocks[new_from - 1].engine if new_from > 0 else None
             tokens = [t for b in new for t in b.tokens]
             events.append(
-                BlockStored(
-                    [b.engine for b in new], parent, tokens, block_size, medium="GPU"
-                )
+                BlockStored([b.engine for b in new], parent, tokens, block_size, medium="GPU")
             )
         # Free in vLLM's order: the tail becomes least recently used first.
         for blk in reversed(blocks):

@@ -40,6 +40,7 @@ _U64 = (1 << 64) - 1
 _xxh3 = xxhash.xxh3_64_intdigest
 _pack_pair = struct.Struct("<QQ").pack
 
+
 def chain_seed(lora_name: str | None = None, cache_salt: str | None = None) -> int:
     """Return the block-hash seed for a LoRA adapter name and a cache salt.
 

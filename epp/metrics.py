@@ -31,8 +31,7 @@ KV_EVENT_GAPS = Counter(
 )
 KV_EVENT_RESTARTS = Counter(
     "kvpick_kv_event_publisher_restarts",
-    "Worker publishers seen restarting (sequence number going back); their blocks are "
-    "cleared.",
+    "Worker publishers seen restarting (sequence number going back); their blocks are cleared.",
 )
 KV_EVENT_BACKPRESSURE = Counter(
     "kvpick_kv_event_backpressure",

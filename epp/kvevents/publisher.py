@@ -160,9 +160,7 @@ class ZmqEventPublisher:
                     batches = [(s, p) for s, p in self._buffer if s >= start]
                 topic = [self.topic] if self._replay_topic else []
                 for seq, payload in batches:
-                    router.send_multipart(
-                        [identity, b"", *topic, frames.seq_bytes(seq), payload]
-                    )
+                    router.send_multipart([identity, b"", *topic, frames.seq_bytes(seq), payload])
                 # The end marker's topic frame is empty (vLLM 0.33, SGLang 0.5.23).
                 end_topic = [b""] if self._replay_topic else []
                 router.send_multipart([identity, b"", *end_topic, frames.END_SEQ, b""])

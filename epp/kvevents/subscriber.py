@@ -280,8 +280,10 @@ class KvEventSubscriber:
                     source.worker,
                     start,
                     upto - 1,
-                    "no replay socket" if source.replay_endpoint is None
-                    else "replay timed out" if items is None
+                    "no replay socket"
+                    if source.replay_endpoint is None
+                    else "replay timed out"
+                    if items is None
                     else f"replay had {len(wanted)} of them",
                 )
                 self.index.clear_worker(source.worker)

@@ -910,9 +910,7 @@ class KvIndex:
             depth = depth_of[low]
             d1 = max(d0, d1)
             d2 = max(d1, d2)
-            out.tiered[worker_at[low.bit_length() - 1]] = Overlap(
-                d0, d1 - d0, d2 - d1, depth - d2
-            )
+            out.tiered[worker_at[low.bit_length() - 1]] = Overlap(d0, d1 - d0, d2 - d1, depth - d2)
 
     # ---------------------------------------------------------------- checking
 
