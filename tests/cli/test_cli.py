@@ -29,15 +29,17 @@ def test_no_command_prints_help_and_fails():
 def test_bench_index_prints_one_json_object_with_its_figures():
     out = run(
         "bench", "index", "--workers", "4", "--blocks-per-worker", "512",
-        "--queries", "50", "--no-traced-memory",
+        "--queries", "50",
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     for key in (
         "ingest_blocks_per_s", "ingest_unique_blocks_per_s", "query_p50_us", "query_p99_us",
-        "naive_query_p50_us", "speedup_vs_naive", "hash_8k_tokens_us", "bytes_per_block",
+        "naive_query_p50_us", "speedup_vs_naive", "hash_8k_tokens_us", "bytes_per_block_traced",
     ):
         assert result[key] > 0, key
+    # RSS grows by whole pages, and 2,048 blocks may fit in memory the process already has.
+    assert result["bytes_per_block"] >= 0
     assert result["agree_with_naive"] is True
     assert result["workload"]["worker_blocks"] == 4 * 512
     assert set(result["targets"]) == {
