@@ -56,6 +56,10 @@ class EndpointMetrics:
     stale: bool = False
 
 
+NO_OVERLAP = Overlap(0)
+NO_LOAD = LoadView()
+
+
 @dataclass(slots=True)
 class Candidate:
     """One worker a request may go to, with everything scheduling may consider.
@@ -67,8 +71,8 @@ class Candidate:
 
     worker: Worker
     role: str = "both"
-    overlap: Overlap = Overlap(0)
-    load: LoadView = LoadView()
+    overlap: Overlap = NO_OVERLAP
+    load: LoadView = NO_LOAD
     new_blocks: int = 0
     metrics: EndpointMetrics | None = None
 
