@@ -175,7 +175,7 @@ async def test_thousands_of_batches_with_lost_ones_recovered_by_replay(subscribe
         subscriber.add_worker(pub.source("w"))
         await connect(subscriber, pub)
         replayed_before = counter("kvpick_kv_event_gaps_total", outcome="replayed")
-        base = (await pub.publish(0))
+        base = await pub.publish(0)
         drops = (base + 5, base + 6, base + 7, base + 300, base + 1200, base + 2999)
         last = await pub.publish(3000, drop=drops)
         await pub.publish(1)  # so that the final dropped batch is followed by a live one
@@ -220,7 +220,8 @@ async def test_publisher_restart_clears_the_worker(subscriber):
         assert_same(subscriber.index, expected, pub.segments)
         # Nothing of the first life survives: blocks only the old cache had are gone.
         old_only = [
-            p for p in eventgen.probe_prompts(13, pub.segments[0][1], block_size=BS)
+            p
+            for p in eventgen.probe_prompts(13, pub.segments[0][1], block_size=BS)
             if expected.find_matches(block_hashes(p, BS)).depth("w") == 0
         ]
         assert old_only
@@ -259,7 +260,8 @@ async def test_gap_without_replay_socket_clears_the_worker(subscriber):
                 expected.apply("w", event)
         assert_same(subscriber.index, expected, [(15, before + 150)], counts=False)
         stale = [
-            p for p in eventgen.probe_prompts(15, before + 100, block_size=BS)
+            p
+            for p in eventgen.probe_prompts(15, before + 100, block_size=BS)
             if expected.find_matches(block_hashes(p, BS)).depth("w") == 0
         ]
         assert stale  # prompts cached before the gap and not since
