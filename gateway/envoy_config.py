@@ -40,6 +40,12 @@ class GatewayConfig:
     failure_mode_allow: bool = False
     route_timeout: str = "86400s"
     ext_proc_health_check: bool = False
+    buffer_limit_bytes: int = 64 << 20
+    """Largest request body a BUFFERED gateway holds (Envoy's default, 1 MiB, answers 413
+    to longer prompts)."""
+    subset_hint: tuple[str, ...] | None = None
+    """Endpoints to offer the EPP as the ``envoy.lb.subset_hint`` metadata on every request
+    (what a gateway with endpoint subsetting sends); None sends no hint."""
 
 
 def _processing_mode(cfg: GatewayConfig) -> dict[str, str]:
@@ -144,7 +150,7 @@ def _route_cluster(cfg: GatewayConfig) -> dict[str, Any]:
 
 def bootstrap(cfg: GatewayConfig) -> dict[str, Any]:
     """The full Envoy bootstrap for ``cfg``."""
-    ext_proc = {
+    ext_proc: dict[str, Any] = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": _T + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
@@ -159,6 +165,28 @@ def bootstrap(cfg: GatewayConfig) -> dict[str, Any]:
             "response_attributes": ["upstream.address"],
         },
     }
+    filters: list[dict[str, Any]] = []
+    if cfg.subset_hint is not None:
+        filters.append(
+            {
+                "name": "envoy.filters.http.set_metadata",
+                "typed_config": {
+                    "@type": _T + "extensions.filters.http.set_metadata.v3.Config",
+                    "metadata": [
+                        {
+                            "metadata_namespace": "envoy.lb.subset_hint",
+                            "value": {
+                                "x-gateway-destination-endpoint-subset": list(cfg.subset_hint)
+                            },
+                        }
+                    ],
+                },
+            }
+        )
+        ext_proc["typed_config"]["metadata_options"]["forwarding_namespaces"] = {
+            "untyped": ["envoy.lb.subset_hint"]
+        }
+    filters.append(ext_proc)
     router = {
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},
@@ -180,6 +208,7 @@ def bootstrap(cfg: GatewayConfig) -> dict[str, Any]:
                         "routes": [
                             {
                                 "match": {"prefix": "/"},
+                                "per_request_buffer_limit_bytes": cfg.buffer_limit_bytes,
                                 "route": {
                                     "cluster": ROUTE_CLUSTER,
                                     "timeout": cfg.route_timeout,
@@ -190,7 +219,7 @@ def bootstrap(cfg: GatewayConfig) -> dict[str, Any]:
                     }
                 ],
             },
-            "http_filters": [ext_proc, router],
+            "http_filters": [*filters, router],
         },
     }
     return {

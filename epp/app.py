@@ -1,0 +1,266 @@
+"""The EPP process: every part wired together, started, and stopped in order.
+
+:class:`EppApp` builds the index, the KV event subscriber, the metrics scraper, the pool
+and its discovery, the scheduler, the director and the three listeners (ext_proc :9002,
+health :9003, Prometheus and debug :9090) from :class:`epp.options.EppOptions`.
+
+Readiness: health checks answer NOT_SERVING until discovery has synced once, and again
+from the moment a drain starts (SIGTERM), so the gateway stops sending new streams while
+those in flight finish within ``--drain-timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from epp import metrics as M
+from epp.datalayer.scraper import MetricsScraper
+from epp.director import Director, DirectorConfig, worker_label
+from epp.discovery.kv_sources import sync_event_sources
+from epp.discovery.static import EndpointsChange, EndpointsFileWatcher
+from epp.extproc.server import DEFAULT_MAX_MESSAGE, ExtProcServer, ServerConfig
+from epp.kvevents.subscriber import KvEventSubscriber
+from epp.kvindex.index import KvIndex
+from epp.options import EppOptions
+from epp.pool import Pool
+from epp.scheduling.config import ConfigError, load_scheduler
+from epp.scheduling.load import ActiveLoad
+from epp.scheduling.scheduler import Scheduler
+from epp.tokenizer import Tokenizer, TokenizerError
+
+log = logging.getLogger("epp")
+
+
+def _has_plugin(scheduler: Scheduler, plugin_type: str) -> bool:
+    return any(spec.type == plugin_type for spec in scheduler.config.plugins)
+
+
+class StartupError(RuntimeError):
+    """The EPP cannot start; the message says what to fix."""
+
+
+class EppApp:
+    """One EPP; ``await start()``, then ``await stop()``."""
+
+    def __init__(self, opts: EppOptions, *, host: str = "0.0.0.0") -> None:
+        self.opts = opts
+        self.host = host
+        self.synced = False
+        self.draining = False
+        self.index = KvIndex(opts.block_size)
+        self.pool = Pool()
+        self.load = ActiveLoad(expiry_s=opts.active_request_expiry)
+        self.subscriber: KvEventSubscriber | None = None
+        self.scraper: MetricsScraper | None = None
+        self.watcher: EndpointsFileWatcher | None = None
+        self.server: ExtProcServer | None = None
+        self.director: Director | None = None
+        self._http: web.AppRunner | None = None
+        self.metrics_port = opts.metrics_port
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        opts = self.opts
+        tokenizer = None
+        if opts.tokenizer:
+            started = time.monotonic()
+            try:
+                tokenizer = Tokenizer.load(opts.tokenizer)
+            except TokenizerError as exc:
+                raise StartupError(f"tokenizer {opts.tokenizer}: {exc}") from None
+            log.info("tokenizer %s loaded in %.2fs", opts.tokenizer, time.monotonic() - started)
+        else:
+            log.warning(
+                "no --tokenizer: prompts given as text cannot be matched against the KV "
+                "cache (token-id prompts still are); routing falls back to load only"
+            )
+        try:
+            scheduler = load_scheduler(opts)
+        except ConfigError as exc:
+            raise StartupError(f"scheduling config: {exc}") from None
+        self.subscriber = KvEventSubscriber(self.index)
+        await self.subscriber.start()
+        self.scraper = MetricsScraper(
+            interval=opts.refresh_metrics_interval, staleness=opts.metrics_staleness_threshold
+        )
+        await self.scraper.start()
+        self.director = Director(
+            pool=self.pool,
+            index=self.index,
+            load=self.load,
+            scheduler=scheduler,
+            tokenizer=tokenizer,
+            scraper=self.scraper,
+            config=DirectorConfig(
+                block_size=opts.block_size,
+                served_model_names=opts.served_model_names,
+                token_data=opts.token_data,
+                fallbacks=opts.fallbacks,
+                subset_filter=not opts.disable_endpoint_subset_filter,
+                testing_filter=_has_plugin(scheduler, "header-based-testing-filter"),
+                served_verifier=_has_plugin(scheduler, "destination-endpoint-served-verifier"),
+                decision_log_size=opts.decision_log_size,
+            ),
+        )
+        if opts.endpoints_file:
+            self.watcher = EndpointsFileWatcher(opts.endpoints_file, self._on_change)
+            await self.watcher.start()
+            self.synced = True
+        else:
+            raise StartupError(
+                "no endpoint discovery configured: pass --endpoints-file FILE (Kubernetes "
+                "InferencePool discovery via --pool-name is not built yet)"
+            )
+        self.server = ExtProcServer(
+            self.director,
+            ServerConfig(
+                grpc_port=opts.grpc_port,
+                health_port=opts.grpc_health_port,
+                host=self.host,
+                secure=opts.secure_serving,
+                cert_path=opts.cert_path,
+                max_recv=opts.grpc_max_recv_msg_size or DEFAULT_MAX_MESSAGE,
+                max_send=opts.grpc_max_send_msg_size or DEFAULT_MAX_MESSAGE,
+                health_on_grpc_port=opts.health_checking,
+            ),
+            self.is_serving,
+        )
+        await self.server.start()
+        await self._start_http()
+        self._tasks.append(asyncio.create_task(self._expire_loop(), name="load-expiry"))
+        log.info(
+            "kvpick EPP ready: %d endpoints, policy %s, block size %d",
+            len(self.pool),
+            opts.config_file or ("--config-text" if opts.config_text else opts.policy),
+            opts.block_size,
+        )
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self.server is not None:
+            await self.server.stop(grace=min(self.opts.drain_timeout, 5.0))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.watcher is not None:
+            await self.watcher.close()
+        if self.scraper is not None:
+            await self.scraper.close()
+        if self.subscriber is not None:
+            await self.subscriber.close()
+        if self._http is not None:
+            await self._http.cleanup()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, drain, stop."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info(
+            "stopping: health now NOT_SERVING; draining for up to %.0fs", self.opts.drain_timeout
+        )
+        self.draining = True
+        await self.stop()
+
+    def is_serving(self, _service: str) -> bool:
+        return self.synced and not self.draining
+
+    # ------------------------------------------------------------ discovery
+
+    async def _on_change(self, change: EndpointsChange) -> None:
+        self.pool.apply(change)
+        assert self.subscriber is not None and self.scraper is not None
+        await sync_event_sources(self.subscriber, change)
+        for ep in change.removed:
+            self.scraper.remove_endpoint(ep.address)
+            for worker in ep.workers:
+                self.load.remove_worker(worker)
+                if self.director is not None:
+                    self.director.scheduler.remove_worker(worker)
+        for ep in (*change.added, *(after for _, after in change.changed)):
+            if ep.metrics:
+                self.scraper.set_endpoint(ep.address, ep.metrics, ep.engine, ep.dp_size)
+            else:
+                self.scraper.remove_endpoint(ep.address)
+        M.READY_PODS.labels(self.opts.pool_name or "endpoints-file").set(len(self.pool))
+        log.info(
+            "pool: %d endpoints (+%d -%d ~%d)",
+            len(self.pool),
+            len(change.added),
+            len(change.removed),
+            len(change.changed),
+        )
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for booking in self.load.expire():
+                log.warning("request %s expired without an end; its load was released", booking)
+
+    # ---------------------------------------------------------------- HTTP
+
+    async def _start_http(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/debug/decisions", self._decisions)
+        app.router.add_get("/debug/pool", self._pool)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.opts.metrics_port)
+        await site.start()
+        self._http = runner
+        server = site._server
+        if server is not None and server.sockets:  # port 0: find the one chosen
+            self.metrics_port = server.sockets[0].getsockname()[1]
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _decisions(self, request: web.Request) -> web.Response:
+        assert self.director is not None
+        try:
+            n = int(request.query.get("n", "50"))
+        except ValueError:
+            return web.json_response({"error": "n must be an integer"}, status=400)
+        records = self.director.decisions.recent(n)
+        return web.json_response({"decisions": [r.to_json() for r in records]})
+
+    async def _pool(self, request: web.Request) -> web.Response:
+        out = []
+        for worker, ep in self.pool.workers():
+            view = self.load.view(worker)
+            m = self.scraper.get(worker) if self.scraper is not None else None
+            out.append(
+                {
+                    "worker": worker_label(worker, ep.dp_size),
+                    "role": ep.role,
+                    "engine": ep.engine,
+                    "cached_blocks": self.index.block_count(worker)
+                    if self.index.has_worker(worker)
+                    else 0,
+                    "booked": {
+                        "requests": view.requests,
+                        "prefill_tokens": view.prefill_tokens,
+                        "decode_blocks": view.decode_blocks,
+                    },
+                    "metrics": None
+                    if m is None
+                    else {"waiting": m.waiting, "running": m.running, "kv_usage": m.kv_usage},
+                }
+            )
+        return web.json_response({"workers": out, "synced": self.synced})

@@ -1,0 +1,455 @@
+"""Request handling: from a request to a routing decision, and the bookkeeping around it.
+
+The :class:`Director` implements :class:`epp.extproc.stream.Router`. Per request it
+
+1. parses the body (:mod:`epp.openai_request`) and checks the model name;
+2. tokenizes it once as the engine will (:mod:`epp.tokenizer`) unless the prompt already
+   is token ids, and hashes the full blocks (:mod:`epp.hashing`);
+3. builds the candidates: the pool's workers, narrowed by the gateway's subset hint (and by
+   the conformance header when that hook is on), each with its KV overlap from the index,
+   its booked load and its scraped metrics;
+4. asks the scheduler, books the load, writes the decision log;
+5. hands back the destination, the worker headers, the body with ``nvext.token_data``.
+
+The response-phase hooks mark prefill done at the first byte and free the booking at the
+end, whatever the end is (each booking is freed exactly once: :class:`ActiveLoad` ignores a
+second free).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from epp import hashing
+from epp import headers as H
+from epp import metrics as M
+from epp.datalayer.scraper import MetricsScraper
+from epp.decisions import CandidateRecord, DecisionLog, DecisionRecord
+from epp.extproc.stream import RequestInfo, Routed, RoutingError
+from epp.kvindex.index import KvIndex, Overlap
+from epp.openai_request import ParsedRequest, RequestError, parse_request
+from epp.pool import AddressFilter, Pool
+from epp.scheduling.load import ActiveLoad, Booking
+from epp.scheduling.scheduler import Decision, Scheduler
+from epp.scheduling.types import (
+    Candidate,
+    ProfileResult,
+    SchedulingError,
+    SchedulingRequest,
+    Worker,
+)
+from epp.tokenizer import Tokenizer, TokenizerError
+
+log = logging.getLogger("epp.decisions")
+
+_encode_json = msgspec.json.Encoder().encode
+_TIER_NAMES = ("device", "host", "disk", "external")
+
+
+@dataclass(slots=True)
+class DirectorConfig:
+    """Request-handling settings (the scheduling ones live in the scheduler's config)."""
+
+    block_size: int = hashing.DEFAULT_BLOCK_SIZE
+    served_model_names: tuple[str, ...] = ()
+    token_data: bool = True
+    fallbacks: int = 0
+    subset_filter: bool = True
+    testing_filter: bool = False
+    """The conformance ``header-based-testing-filter``: candidates are the endpoints the
+    ``test-epp-endpoint-selection`` header lists (none when it is missing)."""
+    served_verifier: bool = False
+    """The conformance ``destination-endpoint-served-verifier``: the served endpoint goes
+    back to the client in ``x-conformance-test-served-endpoint``."""
+    decision_log_size: int = 256
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """The router's state for one routed request (``Routed.state``)."""
+
+    request_id: str
+    model: str
+    worker: Worker
+    bookings: list[Booking] = field(default_factory=list)
+    prefill_booking: Booking | None = None
+    conformance: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+def worker_label(worker: Worker, dp_size: int = 1) -> str:
+    """``ip:port`` for a single-rank endpoint, ``ip:port#rank`` otherwise."""
+    return worker[0] if dp_size <= 1 and worker[1] == 0 else f"{worker[0]}#{worker[1]}"
+
+
+class Director:
+    """Turns requests into decisions; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        pool: Pool,
+        index: KvIndex,
+        load: ActiveLoad,
+        scheduler: Scheduler,
+        config: DirectorConfig,
+        tokenizer: Tokenizer | None = None,
+        scraper: MetricsScraper | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.index = index
+        self.load = load
+        self.scheduler = scheduler
+        self.config = config
+        self.tokenizer = tokenizer
+        self.scraper = scraper
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.decisions = DecisionLog(config.decision_log_size)
+        self._served = frozenset(config.served_model_names)
+
+    # ----------------------------------------------------------- candidates
+
+    def _eligible(self, info: RequestInfo) -> list[tuple[Worker, Any]]:
+        workers = self.pool.workers()
+        if self.config.testing_filter:
+            wanted = info.headers.get(H.TEST_ENDPOINT_SELECTION)
+            selection = AddressFilter((wanted or "").split(","))
+            workers = [(w, ep) for w, ep in workers if selection.allows(w[0])]
+        elif self.config.subset_filter:
+            hint = info.metadata.get(H.SUBSET_NAMESPACE)
+            if isinstance(hint, dict) and H.DESTINATION_SUBSET in hint:
+                value = hint[H.DESTINATION_SUBSET]
+                entries = value.split(",") if isinstance(value, str) else value or []
+                subset = AddressFilter(str(e) for e in entries)
+                workers = [(w, ep) for w, ep in workers if subset.allows(w[0])]
+        return workers
+
+    # ---------------------------------------------------------------- route
+
+    def route(self, info: RequestInfo) -> Routed:
+        started = self.clock()
+        workers = self._eligible(info)
+        if not workers:
+            M.REQUEST_ERRORS.labels("", "", "ServiceUnavailable").inc()
+            raise RoutingError(503, "no ready endpoint for this request")
+        if info.body is None:
+            return self._route_bodyless(info, workers)
+        try:
+            parsed = parse_request(info.path, info.body)
+        except RequestError as exc:
+            M.REQUEST_ERRORS.labels("", "", "BadRequest").inc()
+            raise RoutingError(exc.status, exc.reason) from None
+        model = parsed.model
+        if self._served and model not in self._served:
+            M.REQUEST_ERRORS.labels(model, "", "BadRequest").inc()
+            raise RoutingError(
+                400,
+                f"model {model!r} is not served here (served: {', '.join(sorted(self._served))})",
+            )
+        token_ids = self._tokens(parsed)
+        req = self._scheduling_request(info, parsed, token_ids)
+        matches = self.index.find_matches(req.block_keys) if len(req.block_keys) else None
+        candidates = []
+        view = self.load.view
+        new_blocks = self.load.new_blocks
+        scraper = self.scraper
+        for worker, ep in workers:
+            overlap = matches.overlap(worker) if matches is not None else Overlap(0)
+            candidates.append(
+                Candidate(
+                    worker=worker,
+                    role=ep.role,
+                    overlap=overlap,
+                    load=view(worker),
+                    new_blocks=new_blocks(worker, req.block_keys),
+                    metrics=scraper.get(worker) if scraper is not None else None,
+                )
+            )
+        try:
+            decision = self.scheduler.schedule(
+                req, candidates, fallbacks=self.config.fallbacks, rng=self.rng
+            )
+        except SchedulingError as exc:
+            code = "ResourceExhausted" if exc.status == 429 else "ServiceUnavailable"
+            M.REQUEST_ERRORS.labels(model, model, code).inc()
+            raise RoutingError(exc.status, exc.reason) from None
+        self.scheduler.after_pick(req, decision)
+        routed = self._apply(info, parsed, req, token_ids, decision)
+        elapsed = (self.clock() - started) * 1000.0
+        M.SCHEDULER_E2E.observe(elapsed / 1000.0)
+        M.REQUESTS.labels(model, model, str(req.priority)).inc()
+        M.RUNNING.labels(model).inc()
+        self._record(req, decision, routed.destination, elapsed, candidates)
+        return routed
+
+    def _route_bodyless(self, info: RequestInfo, workers: list[tuple[Worker, Any]]) -> Routed:
+        worker, _ep = self.rng.choice(workers)
+        exchange = _Exchange(request_id=info.request_id, model="", worker=worker)
+        exchange.conformance = self.config.served_verifier
+        return Routed(
+            destination=worker[0], set_headers=self._worker_headers(worker), state=exchange
+        )
+
+    def _tokens(self, parsed: ParsedRequest) -> Sequence[int] | None:
+        body = parsed.body
+        try:
+            if parsed.api == "completions":
+                prompt = body.get("prompt")
+                if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+                    return prompt
+                if isinstance(prompt, str) and self.tokenizer is not None:
+                    return self.tokenizer.encode_prompt(prompt)
+                return None  # batches of prompts: no single prefix to match
+            if self.tokenizer is None:
+                return None
+            if parsed.api == "chat":
+                return self.tokenizer.encode_chat(
+                    body["messages"],
+                    tools=body.get("tools"),
+                    add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+                    continue_final_message=bool(body.get("continue_final_message", False)),
+                    chat_template_kwargs=body.get("chat_template_kwargs"),
+                )
+            if parsed.api == "responses":
+                return self.tokenizer.encode_responses_input(
+                    body.get("input"), body.get("instructions")
+                )
+        except TokenizerError as exc:
+            raise RoutingError(400, f"cannot apply the chat template: {exc}") from None
+        return None
+
+    def _scheduling_request(
+        self, info: RequestInfo, parsed: ParsedRequest, token_ids: Sequence[int] | None
+    ) -> SchedulingRequest:
+        bs = self.config.block_size
+        body = parsed.body
+        if parsed.api == "chat":
+            prefix = _encode_json(body.get("messages"))
+        elif parsed.api == "completions":
+            prompt = body.get("prompt")
+            prefix = prompt.encode("utf-8") if isinstance(prompt, str) else _encode_json(prompt)
+        else:
+            prefix = _encode_json(body.get("input"))
+        if token_ids is not None:
+            seed = hashing.chain_seed(None, parsed.cache_salt)
+            keys = hashing.block_hashes(token_ids, bs, seed)
+            prompt_tokens = len(token_ids)
+        else:
+            keys = hashing.block_hashes((), bs)
+            prompt_tokens = max(1, len(prefix) // 4)  # rough: ~4 bytes per token
+        priority = parsed.priority
+        if priority is None:
+            priority = self._objective_priority(info)
+        return SchedulingRequest(
+            request_id=info.request_id,
+            model=parsed.model,
+            block_keys=keys,
+            prompt_tokens=prompt_tokens,
+            block_size=bs,
+            prefix_text=prefix,
+            priority=priority,
+            osl=parsed.osl,
+            cache_salt=parsed.cache_salt,
+        )
+
+    @staticmethod
+    def _objective_priority(info: RequestInfo) -> int:
+        # Without InferenceObjective objects (Kubernetes discovery), the objective header
+        # can only carry a number; names map to priority 0 as in the reference EPP.
+        for name in H.OBJECTIVE:
+            value = info.headers.get(name)
+            if value:
+                try:
+                    return int(value)
+                except ValueError:
+                    return 0
+        return 0
+
+    def _worker_headers(self, worker: Worker) -> list[tuple[str, str]]:
+        return [
+            (H.WORKER_INSTANCE_ID, str(H.worker_instance_id(worker[0]))),
+            (H.DP_RANK, str(worker[1])),
+        ]
+
+    def _apply(
+        self,
+        info: RequestInfo,
+        parsed: ParsedRequest,
+        req: SchedulingRequest,
+        token_ids: Sequence[int] | None,
+        decision: Decision,
+    ) -> Routed:
+        targets = decision.decode.targets
+        primary = targets[0]
+        addresses: list[str] = []
+        for target in targets:
+            if target.address not in addresses:
+                addresses.append(target.address)
+        destination = ",".join(addresses)
+        set_headers = self._worker_headers(primary.worker)
+        exchange = _Exchange(request_id=req.request_id, model=req.model, worker=primary.worker)
+        exchange.conformance = self.config.served_verifier
+        bs = req.block_size
+        if decision.prefill is not None:
+            pre = decision.prefill.targets[0]
+            set_headers.append((H.PREFILLER_HOST_PORT, pre.address))
+            set_headers.append((H.PREFILL_DP_RANK, str(pre.dp_rank)))
+            set_headers.append((H.ROUTING_MODE, "disaggregated"))
+            # No decode blocks on the prefill worker: its KV leaves for the decode worker.
+            exchange.prefill_booking = self.load.book(
+                req.request_id,
+                pre.worker,
+                (),
+                req.prompt_tokens,
+                pre.overlap.depth * bs,
+                prefill=True,
+            )
+            exchange.bookings.append(
+                self.load.book(
+                    req.request_id,
+                    primary.worker,
+                    req.block_keys,
+                    req.prompt_tokens,
+                    0,
+                    prefill=False,
+                )
+            )
+        else:
+            set_headers.append((H.ROUTING_MODE, "aggregated"))
+            exchange.bookings.append(
+                self.load.book(
+                    req.request_id,
+                    primary.worker,
+                    req.block_keys,
+                    req.prompt_tokens,
+                    min(primary.overlap.depth * bs, req.prompt_tokens),
+                    prefill=True,
+                )
+            )
+        body = None
+        if self.config.token_data and token_ids is not None:
+            new = dict(parsed.body)
+            nvext = new.get("nvext")
+            nvext = dict(nvext) if isinstance(nvext, dict) else {}
+            nvext["token_data"] = list(token_ids)
+            new["nvext"] = nvext
+            body = _encode_json(new)
+        return Routed(destination=destination, set_headers=set_headers, body=body, state=exchange)
+
+    # ------------------------------------------------------------- logging
+
+    def _candidate_records(
+        self, result: ProfileResult | None, by_worker: dict[Worker, Candidate]
+    ) -> list[CandidateRecord]:
+        if result is None:
+            return []
+        out = []
+        for score in result.scores:
+            cand = by_worker.get(score.worker)
+            if cand is None:
+                continue
+            ep = self.pool.endpoint(cand.address)
+            m = cand.metrics
+            out.append(
+                CandidateRecord(
+                    worker=worker_label(cand.worker, ep.dp_size if ep else 1),
+                    role=cand.role,
+                    cached_blocks=cand.overlap.depth,
+                    cached_by_tier={
+                        n: v for n, v in zip(_TIER_NAMES, cand.overlap, strict=True) if v
+                    },
+                    prefill_tokens=cand.load.prefill_tokens,
+                    decode_blocks=cand.load.decode_blocks,
+                    requests=cand.load.requests,
+                    waiting=None if m is None else m.waiting,
+                    kv_usage=None if m is None else m.kv_usage,
+                    score=score.score,
+                    cost=score.cost,
+                    parts=dict(score.parts),
+                )
+            )
+        return out
+
+    def _record(
+        self,
+        req: SchedulingRequest,
+        decision: Decision,
+        destination: str,
+        elapsed: float,
+        candidates: list[Candidate],
+    ) -> None:
+        by_worker = {c.worker: c for c in candidates}
+        primary = decision.decode.targets[0]
+        ep = self.pool.endpoint(primary.address)
+        prefill = None
+        if decision.prefill is not None:
+            pre = decision.prefill.targets[0]
+            pep = self.pool.endpoint(pre.address)
+            prefill = worker_label(pre.worker, pep.dp_size if pep else 1)
+        record = DecisionRecord(
+            request_id=req.request_id,
+            model=req.model,
+            mode=decision.mode,
+            destination=destination,
+            chosen=worker_label(primary.worker, ep.dp_size if ep else 1),
+            prefill=prefill,
+            prompt_tokens=req.prompt_tokens,
+            prompt_blocks=len(req.block_keys),
+            candidates=self._candidate_records(decision.decode, by_worker),
+            prefill_candidates=self._candidate_records(decision.prefill, by_worker),
+            elapsed_ms=round(elapsed, 3),
+        )
+        self.decisions.add(record)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", record.log_line())
+
+    # ------------------------------------------------------- response hooks
+
+    def response_headers(
+        self, routed: Routed, status: int, served: str | None, streaming: bool
+    ) -> list[tuple[str, str]]:
+        exchange: _Exchange = routed.state
+        if served and exchange.bookings:
+            first = served.split(",", 1)[0].strip()
+            if first != exchange.worker[0]:
+                M.SERVED_MISMATCH.inc()
+                worker = (first, exchange.worker[1] if self.pool.endpoint(first) else 0)
+                for booking in exchange.bookings:
+                    self.load.move(booking, worker)
+                exchange.worker = worker
+        if exchange.conformance:
+            value = served or f"fail: missing {H.DESTINATION_SERVED}"
+            return [(H.CONFORMANCE_SERVED, value)]
+        return []
+
+    def first_byte(self, routed: Routed) -> None:
+        exchange: _Exchange = routed.state
+        for booking in exchange.bookings:
+            self.load.prefill_done(booking)
+        if exchange.prefill_booking is not None:
+            self.load.free(exchange.prefill_booking)
+
+    def finished(self, routed: Routed, outcome: str) -> None:
+        exchange: _Exchange = routed.state
+        freed = False
+        for booking in exchange.bookings:
+            freed = self.load.free(booking) or freed
+        if exchange.prefill_booking is not None:
+            self.load.free(exchange.prefill_booking)
+        if exchange.model and freed:
+            M.RUNNING.labels(exchange.model).dec()
+        if outcome != "complete" and exchange.model:
+            M.REQUEST_ERRORS.labels(exchange.model, exchange.model, outcome).inc()
+        M.REQUEST_DURATION.labels(exchange.model, exchange.model).observe(
+            self.clock() - exchange.started
+        )
