@@ -49,6 +49,8 @@ import jinja2.parser
 import jinja2.sandbox
 import tokenizers
 
+from epp.token_segments import SegmentEncoder
+
 __all__ = [
     "ContentFormat",
     "Tokenizer",
@@ -638,8 +640,11 @@ def _read_json(path: Path) -> Any:
 class Tokenizer:
     """One model's tokenizer and chat templates, producing the token ids vLLM computes.
 
-    Instances are immutable after construction and safe to share between threads. Build one
-    with :meth:`load`; the constructor is for callers that already hold the parts.
+    Instances are immutable after construction (apart from the segment cache, which has its
+    own lock) and safe to share between threads. Build one with :meth:`load`; the constructor
+    is for callers that already hold the parts. Chat text is encoded through a
+    :class:`~epp.token_segments.SegmentEncoder` when that is exact for this tokenizer, so a
+    system prompt or an earlier turn seen before is not tokenized again.
     """
 
     def __init__(
@@ -661,6 +666,7 @@ class Tokenizer:
         if content_format not in ("auto", "string", "openai"):
             raise TokenizerError(f"unknown content format {content_format!r}")
         self._backend = backend
+        self._segments = SegmentEncoder.for_backend(backend)
         self._special_tokens = dict(special_tokens or {})
         self._named: dict[str, str] = {}
         self._default: str | None = None
@@ -875,7 +881,7 @@ class Tokenizer:
             chat_template_kwargs=chat_template_kwargs,
             documents=documents,
         )
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encode(text, add_special_tokens)
 
     # ---- responses -----------------------------------------------------------------------
 
@@ -913,7 +919,17 @@ class Tokenizer:
         text = self.render_responses_input(
             input, instructions, tools=tools, chat_template_kwargs=chat_template_kwargs
         )
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return self._encode(text, False)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self._segments is not None and not add_special_tokens:
+            return self._segments.encode(text)
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def segment_cache(self) -> SegmentEncoder | None:
+        """The segment cache chat text is encoded through (None where it is not exact)."""
+        return self._segments
 
     # ---- template choice -----------------------------------------------------------------
 

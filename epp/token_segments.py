@@ -1,0 +1,124 @@
+"""Encoding chat text segment by segment, so that repeated segments are tokenized once.
+
+A Hugging Face tokenizer splits its input at added tokens before anything else runs: the
+normalizer, the pre-tokenizer and the model then see each piece between two special tokens
+on its own. Rendered chat templates put special tokens between messages, so the token ids
+of a conversation are the concatenation of each special token's id and each in-between
+piece's ids — and the pieces repeat: the same system prompt, the same earlier turns. The
+:class:`SegmentEncoder` caches each piece's ids (bounded, least recently used first out).
+
+It is only used where it is exact. :meth:`SegmentEncoder.for_backend` returns None when a
+special token strips whitespace, matches single words or is normalized (its neighbours
+would then depend on it), and when probe texts do not encode identically both ways (for
+example a ``Metaspace`` pre-tokenizer that marks only the first piece of the whole input).
+Encoding is always without the post-processor's special tokens, as chat requests are.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+
+import tokenizers
+
+_PROBES = (
+    "plain text, no special token",
+    "{0}hello{1} world{0}\n\nagain  with  spaces {1}",
+    " leading space{0} {1}trailing space ",
+    "{0}{1}{0}",
+    "line\n{1}\n\nnext\tline{0}ünïcödé 文字 {1}",
+)
+
+
+class SegmentEncoder:
+    """``encode(text)`` equals ``backend.encode(text, add_special_tokens=False).ids``."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        specials: dict[str, int],
+        *,
+        max_chars: int = 32 << 20,
+        min_cached_chars: int = 256,
+    ) -> None:
+        self._backend = backend
+        self._ids = specials
+        ordered = sorted(specials, key=len, reverse=True)  # the longest match wins
+        self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
+        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._chars = 0
+        self._max_chars = max_chars
+        self._min = min_cached_chars
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def for_backend(cls, backend: tokenizers.Tokenizer, **kwargs: int) -> SegmentEncoder | None:
+        """An encoder for ``backend``, or None when segment-wise encoding would not be exact."""
+        specials: dict[str, int] = {}
+        for token_id, added in backend.get_added_tokens_decoder().items():
+            if not added.special:
+                continue
+            if added.lstrip or added.rstrip or added.single_word or added.normalized:
+                return None
+            specials[added.content] = token_id
+        if not specials:
+            return None
+        enc = cls(backend, specials, **kwargs)
+        names = sorted(specials, key=len, reverse=True)
+        a, b = names[0], names[-1]
+        for probe in _PROBES:
+            text = probe.format(a, b)
+            whole = backend.encode(text, add_special_tokens=False).ids
+            if enc._encode_uncached(text) != whole:
+                return None
+        return enc
+
+    def _encode_uncached(self, text: str) -> list[int]:
+        out: list[int] = []
+        pos = 0
+        encode = self._backend.encode
+        for m in self._pattern.finditer(text):
+            if m.start() > pos:
+                out.extend(encode(text[pos : m.start()], add_special_tokens=False).ids)
+            out.append(self._ids[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            out.extend(encode(text[pos:], add_special_tokens=False).ids)
+        return out
+
+    def _piece(self, piece: str) -> list[int]:
+        if len(piece) < self._min:
+            return self._backend.encode(piece, add_special_tokens=False).ids
+        cache = self._cache
+        with self._lock:
+            ids = cache.get(piece)
+            if ids is not None:
+                cache.move_to_end(piece)
+                self.hits += 1
+                return ids
+        ids = self._backend.encode(piece, add_special_tokens=False).ids
+        with self._lock:
+            self.misses += 1
+            if piece not in cache and len(piece) <= self._max_chars:
+                cache[piece] = ids
+                self._chars += len(piece)
+                while self._chars > self._max_chars:
+                    old, _ = cache.popitem(last=False)
+                    self._chars -= len(old)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        out: list[int] = []
+        pos = 0
+        ids = self._ids
+        for m in self._pattern.finditer(text):
+            if m.start() > pos:
+                out.extend(self._piece(text[pos : m.start()]))
+            out.append(ids[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            out.extend(self._piece(text[pos:]))
+        return out

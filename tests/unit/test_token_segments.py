@@ -1,0 +1,78 @@
+"""Segment-wise chat encoding: identical ids to the whole-text encode, or not used at all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tokenizers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, models, pre_tokenizers
+
+from bench.tiny_tokenizer import SPECIAL_TOKENS, trained_tokenizer_json
+from epp.token_segments import SegmentEncoder
+
+
+@pytest.fixture(scope="module")
+def backend() -> tokenizers.Tokenizer:
+    return tokenizers.Tokenizer.from_str(trained_tokenizer_json())
+
+
+pieces = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(SPECIAL_TOKENS),
+    st.sampled_from([" ", "\n\n", "  ", "<tool_call>", "</tool_call>", "ünï 文字"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(pieces, max_size=12))
+def test_same_ids_as_encoding_the_whole_text(backend, parts):
+    enc = SegmentEncoder.for_backend(backend, min_cached_chars=0)
+    assert enc is not None
+    text = "".join(parts)
+    expected = backend.encode(text, add_special_tokens=False).ids
+    assert enc.encode(text) == expected
+    assert enc.encode(text) == expected  # again, now from the cache
+
+
+def test_repeated_segments_come_from_the_cache(backend):
+    enc = SegmentEncoder.for_backend(backend, min_cached_chars=10)
+    assert enc is not None
+    system = "a long system prompt that many requests share. " * 20
+    for user in ("one", "two", "three"):
+        enc.encode(f"<|begin_of_text|>{system}<|eot_id|>{user} question<|eot_id|>")
+    assert enc.hits == 2  # the system prompt, after its first encode
+    assert enc.misses == 4  # the system prompt once, each user turn once
+
+
+def test_cache_stays_within_its_character_budget(backend):
+    enc = SegmentEncoder.for_backend(backend, max_chars=1000, min_cached_chars=0)
+    assert enc is not None
+    for i in range(50):
+        enc.encode(f"segment number {i} " * 5 + "<|eot_id|>")
+    assert enc._chars <= 1000
+    assert sum(len(k) for k in enc._cache) == enc._chars
+
+
+def test_not_used_when_a_special_token_strips_whitespace(backend):
+    data = json.loads(trained_tokenizer_json())
+    for tok in data["added_tokens"]:
+        if tok["content"] == "<|eot_id|>":
+            tok["lstrip"] = True
+    stripping = tokenizers.Tokenizer.from_str(json.dumps(data))
+    assert SegmentEncoder.for_backend(stripping) is None
+
+
+def test_not_used_when_only_the_first_piece_gets_a_prefix():
+    vocab = {"<unk>": 0, "hello": 1, "▁hello": 2, "world": 3, "▁world": 4}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.add_special_tokens([AddedToken("<s>", special=True, normalized=False)])
+    assert SegmentEncoder.for_backend(tok) is None
+
+
+def test_not_used_without_special_tokens():
+    tok = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    assert SegmentEncoder.for_backend(tok) is None
