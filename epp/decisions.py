@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,50 +33,117 @@ class CandidateRecord:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class DecisionRecord:
-    """One routed request."""
+Ranked = list[tuple[str, float, float | None, int]]
+"""Candidates best first: ``(worker label, score, cost or None, cached blocks)``."""
 
-    request_id: str
-    model: str
-    mode: str
-    destination: str
-    chosen: str
-    prefill: str | None
-    prompt_tokens: int
-    prompt_blocks: int
-    candidates: list[CandidateRecord]
-    prefill_candidates: list[CandidateRecord]
-    elapsed_ms: float
-    time: float = field(default_factory=time.time)
+
+class DecisionRecord:
+    """One routed request.
+
+    The per-candidate detail (:attr:`candidates`, :attr:`prefill_candidates`) is built on
+    first access, from the scheduler's own objects, so that recording a decision costs
+    little; the log line needs only ``ranked``.
+    """
+
+    __slots__ = (
+        "_build",
+        "_built",
+        "chosen",
+        "destination",
+        "elapsed_ms",
+        "mode",
+        "model",
+        "prefill",
+        "prompt_blocks",
+        "prompt_tokens",
+        "ranked",
+        "request_id",
+        "time",
+    )
+
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        model: str,
+        mode: str,
+        destination: str,
+        chosen: str,
+        prefill: str | None,
+        prompt_tokens: int,
+        prompt_blocks: int,
+        elapsed_ms: float,
+        ranked: Ranked,
+        build: Callable[[], tuple[list[CandidateRecord], list[CandidateRecord]]],
+    ) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.mode = mode
+        self.destination = destination
+        self.chosen = chosen
+        self.prefill = prefill
+        self.prompt_tokens = prompt_tokens
+        self.prompt_blocks = prompt_blocks
+        self.elapsed_ms = elapsed_ms
+        self.ranked = ranked
+        self.time = time.time()
+        self._build = build
+        self._built: tuple[list[CandidateRecord], list[CandidateRecord]] | None = None
+
+    def _details(self) -> tuple[list[CandidateRecord], list[CandidateRecord]]:
+        if self._built is None:
+            self._built = self._build()
+        return self._built
+
+    @property
+    def candidates(self) -> list[CandidateRecord]:
+        """Every candidate of the decode (or aggregated) stage, as the scheduler saw it."""
+        return self._details()[0]
+
+    @property
+    def prefill_candidates(self) -> list[CandidateRecord]:
+        """Every candidate of the prefill stage (empty when not disaggregated)."""
+        return self._details()[1]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "mode": self.mode,
+            "destination": self.destination,
+            "chosen": self.chosen,
+            "prefill": self.prefill,
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_blocks": self.prompt_blocks,
+            "elapsed_ms": self.elapsed_ms,
+            "time": self.time,
+            "candidates": [asdict(c) for c in self.candidates],
+            "prefill_candidates": [asdict(c) for c in self.prefill_candidates],
+        }
 
     def log_line(self, limit: int = 4) -> str:
         """``selected worker W: cost C, cached K of N blocks; others: …`` (best first)."""
-        ranked = sorted(self.candidates, key=lambda c: -c.score)
-        chosen = next((c for c in ranked if c.worker == self.chosen), None)
         head = f"request {self.request_id} model {self.model}: "
+        chosen = next((r for r in self.ranked if r[0] == self.chosen), None)
         if chosen is None:
             head += f"selected {self.destination}"
         else:
-            head += f"selected worker {chosen.worker}: {_describe(chosen, self.prompt_blocks)}"
-        others = [c for c in ranked if c is not chosen][:limit]
+            head += f"selected worker {chosen[0]}: {_describe(chosen, self.prompt_blocks)}"
+        others = [r for r in self.ranked if r is not chosen]
         if others:
             head += "; others: " + ", ".join(
-                f"{c.worker} {_describe(c, self.prompt_blocks)}" for c in others
+                f"{r[0]} {_describe(r, self.prompt_blocks)}" for r in others[:limit]
             )
-            if len(ranked) - 1 > limit:
-                head += f", +{len(ranked) - 1 - limit} more"
+            if len(others) > limit:
+                head += f", +{len(others) - limit} more"
         if self.prefill:
             head += f"; prefill on {self.prefill}"
         return head
 
 
-def _describe(c: CandidateRecord, blocks: int) -> str:
-    cost = "" if c.cost is None else f"cost {c.cost:.1f}, "
-    return f"{cost}score {c.score:.3f}, cached {c.cached_blocks} of {blocks} blocks"
+def _describe(r: tuple[str, float, float | None, int], blocks: int) -> str:
+    cost = "" if r[2] is None else f"cost {r[2]:.1f}, "
+    return f"{cost}score {r[1]:.3f}, cached {r[3]} of {blocks} blocks"
 
 
 class DecisionLog:
