@@ -661,12 +661,14 @@ class EppOptions:
     @property
     def discovery(self) -> Discovery | None:
         """Which endpoint source was configured: InferencePool, label selector, file, or none."""
+        # The endpoints file wins: with it, --pool-name (which the upstream Helm chart always
+        # passes) only names the pool in metrics.
+        if self.endpoints_file:
+            return "file"
         if self.pool_name:
             return "pool"
         if self.endpoint_selector:
             return "selector"
-        if self.endpoints_file:
-            return "file"
         return None
 
     @property
@@ -922,7 +924,9 @@ def _validate(values: dict[str, Any], origin: Mapping[str, str]) -> None:
             )
         seen[port] = name
 
-    sources_given = [n for n in ("pool_name", "endpoint_selector", "endpoints_file") if values[n]]
+    sources_given = [n for n in ("pool_name", "endpoint_selector") if values[n]]
+    if values["endpoint_selector"] and values["endpoints_file"]:
+        sources_given.append("endpoints_file")
     if len(sources_given) > 1:
         flags = " and ".join(BY_FIELD[n].flag for n in sources_given)
         raise OptionsError(f"{flags} are both set; choose one way to find the endpoints")

@@ -698,9 +698,15 @@ def test_one_discovery_source(tmp_path: Path) -> None:
     assert error_of("--pool-name=p", "--endpoint-selector=a=b", "--endpoint-target-ports=1") == (
         "--pool-name and --endpoint-selector are both set; choose one way to find the endpoints"
     )
-    assert "--pool-name and --endpoints-file are both set" in error_of(
-        "--pool-name=p", env={"KVPICK_ENDPOINTS_FILE": str(endpoints)}
+    assert "--endpoint-selector and --endpoints-file are both set" in error_of(
+        "--endpoint-selector=a=b",
+        "--endpoint-target-ports=1",
+        env={"KVPICK_ENDPOINTS_FILE": str(endpoints)},
     )
+    # The Helm chart always passes --pool-name: with an endpoints file, the file is the source
+    both = parse("--pool-name=p", env={"KVPICK_ENDPOINTS_FILE": str(endpoints)})
+    assert both.discovery == "file"
+    assert both.pool_name == "p"
     assert parse().discovery is None
 
 
