@@ -165,7 +165,11 @@ class EppApp:
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, drain, stop."""
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # what did start (scraper session, subscriber, ports) is closed
+            raise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -43,21 +43,55 @@ def configure_logging(level: str, fmt: str) -> None:
     root.setLevel(getattr(logging, level, logging.INFO))
 
 
+class _Held(logging.Handler):
+    """Holds what a logger writes inside ``with``, to be written later with :meth:`replay`:
+    the flag parser's warnings (one per ignored flag) then come out in the format the flags
+    ask for (``--zap-encoder json``)."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger(logger)
+
+    def __enter__(self) -> _Held:
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def replay(self) -> None:
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+
+
 def run(argv: Sequence[str]) -> int:
     """Parse ``argv`` (the flags after ``epp``), run the EPP until SIGTERM; the exit code."""
     if not logging.getLogger().handlers:
         configure_logging("INFO", "console")
-    try:
-        opts = parse_epp_args(argv)
-    except HelpRequested as exc:
-        print(exc)
-        return 0
-    except OptionsError as exc:
-        print(f"kvpick epp: {exc}", file=sys.stderr)
+    with _Held("epp.options") as held:
+        try:
+            opts = parse_epp_args(argv)
+        except HelpRequested as exc:
+            print(exc)
+            return 0
+        except OptionsError as exc:
+            error: OptionsError | None = exc
+        else:
+            error = None
+    if error is not None:
+        held.replay()
+        print(f"kvpick epp: {error}", file=sys.stderr)
         return 2
     configure_logging(opts.log_level, opts.log_format)
-    for name in opts.ignored:
-        logging.getLogger("epp").debug("ignored flag: %s", name)
+    held.replay()
+    if opts.ignored:
+        logging.getLogger("epp").debug("flags ignored: %s", ", ".join(opts.ignored))
 
     from epp.app import EppApp, StartupError  # the heavy imports only once the flags are good
 

@@ -82,6 +82,9 @@ class _Exchange:
     prefill_booking: Booking | None = None
     conformance: bool = False
     started: float = field(default_factory=time.monotonic)
+    # Kept to re-run the post-pick hooks on the served endpoint (gateway retries).
+    request: SchedulingRequest | None = None
+    decision: Decision | None = None
 
 
 def worker_label(worker: Worker, dp_size: int = 1) -> str:
@@ -163,6 +166,7 @@ class Director:
         view = self.load.view
         new_blocks = self.load.new_blocks
         scraper = self.scraper
+        unique_keys = frozenset(req.block_keys)  # de-duplicated once, not per candidate
         for worker, ep in workers:
             overlap = matches.overlap(worker) if matches is not None else Overlap(0)
             candidates.append(
@@ -171,7 +175,7 @@ class Director:
                     role=ep.role,
                     overlap=overlap,
                     load=view(worker),
-                    new_blocks=new_blocks(worker, req.block_keys),
+                    new_blocks=new_blocks(worker, unique_keys),
                     metrics=scraper.get(worker) if scraper is not None else None,
                 )
             )
@@ -224,7 +228,9 @@ class Director:
                 return self.tokenizer.encode_responses_input(
                     body.get("input"), body.get("instructions")
                 )
-        except TokenizerError as exc:
+        except (TokenizerError, TypeError, ValueError) as exc:
+            # TypeError/ValueError: request fields of the wrong shape reaching the template
+            # (e.g. chat_template_kwargs that is not an object); the client's fault, not ours.
             raise RoutingError(400, f"cannot apply the chat template: {exc}") from None
         return None
 
@@ -297,7 +303,13 @@ class Director:
                 addresses.append(target.address)
         destination = ",".join(addresses)
         set_headers = self._worker_headers(primary.worker)
-        exchange = _Exchange(request_id=req.request_id, model=req.model, worker=primary.worker)
+        exchange = _Exchange(
+            request_id=req.request_id,
+            model=req.model,
+            worker=primary.worker,
+            request=req,
+            decision=decision,
+        )
         exchange.conformance = self.config.served_verifier
         bs = req.block_size
         if decision.prefill is not None:
@@ -380,6 +392,10 @@ class Director:
             )
         return out
 
+    def _label(self, worker: Worker) -> str:
+        ep = self.pool.endpoint(worker[0])
+        return worker_label(worker, ep.dp_size if ep else 1)
+
     def _record(
         self,
         req: SchedulingRequest,
@@ -388,26 +404,36 @@ class Director:
         elapsed: float,
         candidates: list[Candidate],
     ) -> None:
-        by_worker = {c.worker: c for c in candidates}
         primary = decision.decode.targets[0]
-        ep = self.pool.endpoint(primary.address)
         prefill = None
         if decision.prefill is not None:
-            pre = decision.prefill.targets[0]
-            pep = self.pool.endpoint(pre.address)
-            prefill = worker_label(pre.worker, pep.dp_size if pep else 1)
+            prefill = self._label(decision.prefill.targets[0].worker)
+        label = self._label
+        depth = {c.worker: c.overlap.depth for c in candidates}
+        ranked = [
+            (label(s.worker), s.score, s.cost, depth.get(s.worker, 0))
+            for s in sorted(decision.decode.scores, key=lambda s: -s.score)
+        ]
+
+        def build() -> tuple[list[CandidateRecord], list[CandidateRecord]]:
+            by_worker = {c.worker: c for c in candidates}
+            return (
+                self._candidate_records(decision.decode, by_worker),
+                self._candidate_records(decision.prefill, by_worker),
+            )
+
         record = DecisionRecord(
             request_id=req.request_id,
             model=req.model,
             mode=decision.mode,
             destination=destination,
-            chosen=worker_label(primary.worker, ep.dp_size if ep else 1),
+            chosen=label(primary.worker),
             prefill=prefill,
             prompt_tokens=req.prompt_tokens,
             prompt_blocks=len(req.block_keys),
-            candidates=self._candidate_records(decision.decode, by_worker),
-            prefill_candidates=self._candidate_records(decision.prefill, by_worker),
             elapsed_ms=round(elapsed, 3),
+            ranked=ranked,
+            build=build,
         )
         self.decisions.add(record)
         if log.isEnabledFor(logging.INFO):
@@ -423,10 +449,15 @@ class Director:
             first = served.split(",", 1)[0].strip()
             if first != exchange.worker[0]:
                 M.SERVED_MISMATCH.inc()
-                worker = (first, exchange.worker[1] if self.pool.endpoint(first) else 0)
+                ep = self.pool.endpoint(first)
+                rank = exchange.worker[1]
+                worker = (first, rank if ep is not None and rank < ep.dp_size else 0)
                 for booking in exchange.bookings:
                     self.load.move(booking, worker)
                 exchange.worker = worker
+                if exchange.request is not None and exchange.decision is not None:
+                    # The served endpoint, not the pick, now holds the prompt's prefix.
+                    self.scheduler.after_pick(exchange.request, exchange.decision, served=worker)
         if exchange.conformance:
             value = served or f"fail: missing {H.DESTINATION_SERVED}"
             return [(H.CONFORMANCE_SERVED, value)]
