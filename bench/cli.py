@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and compares kvpick against a baseline measured in the same run.",
     )
     benches = parser.add_subparsers(title="benchmarks", metavar="BENCHMARK")
-    from bench import index
+    from bench import epp, index
 
+    epp.register(benches)
     index.register(benches)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)

@@ -40,6 +40,10 @@ class GatewayConfig:
     failure_mode_allow: bool = False
     route_timeout: str = "86400s"
     ext_proc_health_check: bool = False
+    ext_proc: bool = True
+    """False routes on the client's own destination header, with no EPP: the baseline the
+    EPP's added latency is measured against (and a demonstration of why the EPP must
+    always overwrite that header)."""
     buffer_limit_bytes: int = 64 << 20
     """Largest request body a BUFFERED gateway holds (Envoy's default, 1 MiB, answers 413
     to longer prompts)."""
@@ -186,7 +190,8 @@ def bootstrap(cfg: GatewayConfig) -> dict[str, Any]:
         ext_proc["typed_config"]["metadata_options"]["forwarding_namespaces"] = {
             "untyped": ["envoy.lb.subset_hint"]
         }
-    filters.append(ext_proc)
+    if cfg.ext_proc:
+        filters.append(ext_proc)
     router = {
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},
@@ -239,7 +244,9 @@ def bootstrap(cfg: GatewayConfig) -> dict[str, Any]:
                     "filter_chains": [{"filters": [hcm]}],
                 }
             ],
-            "clusters": [_route_cluster(cfg), _ext_proc_cluster(cfg)],
+            "clusters": [_route_cluster(cfg), _ext_proc_cluster(cfg)]
+            if cfg.ext_proc
+            else [_route_cluster(cfg)],
         },
     }
 

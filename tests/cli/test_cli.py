@@ -52,3 +52,25 @@ def test_bench_rejects_bad_arguments():
     out = run("bench", "index", "--prompt-tokens", "100")
     assert out.returncode != 0
     assert "multiple of --block-size" in out.stderr
+
+
+def test_bench_epp_quick_run_reports_every_figure():
+    out = run("bench", "epp", "--quick", "--workers", "4", "--streams", "8")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    for key in (
+        "added_p50_ms_1k", "added_p99_ms_1k", "added_p50_ms_8k", "added_p99_ms_8k",
+        "decisions_per_s", "stream_chunks_per_s", "bare_grpc_echo_per_s",
+        "wire_us_per_chunk", "reference_wire_us_per_chunk",
+    ):
+        assert key in result, key
+    # Every figure comes from traffic that really flowed
+    assert result["decisions_per_s"] > 0
+    assert result["stream_chunks_per_s"] > 0
+    assert result["epp_p50_ms_1k"] > 0 and result["direct_p50_ms_1k"] > 0
+    assert 0 < result["wire_us_per_chunk"] < result["reference_wire_us_per_chunk"]
+    assert 900 <= result["prompt_tokens_1k"] <= 1150
+    assert 7500 <= result["prompt_tokens_8k"] <= 9000
+    assert set(result["targets"]) == {
+        "added_p50_ms_1k", "added_p99_ms_1k", "decisions_per_s", "stream_chunks_per_s"
+    }
