@@ -14,9 +14,8 @@ import asyncio
 import contextlib
 import json
 import pathlib
-import socket
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+import sys
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import envoy_data_plane.envoy.config.core.v3 as core
@@ -34,6 +33,9 @@ from epp.extproc import health, tls
 from epp.extproc.stream import BODY_CHUNK
 from epp.options import parse_epp_args
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from epp_stack import free_port, until
+
 pytestmark = pytest.mark.timeout(90)
 
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -46,20 +48,6 @@ CLIENT_OPTIONS = [
     ("grpc.max_receive_message_length", BIG),
     ("grpc.max_send_message_length", BIG),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def until(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
