@@ -28,14 +28,26 @@ def test_no_command_prints_help_and_fails():
 
 def test_bench_index_prints_one_json_object_with_its_figures():
     out = run(
-        "bench", "index", "--workers", "4", "--blocks-per-worker", "512",
-        "--queries", "50",
+        "bench",
+        "index",
+        "--workers",
+        "4",
+        "--blocks-per-worker",
+        "512",
+        "--queries",
+        "50",
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     for key in (
-        "ingest_blocks_per_s", "ingest_unique_blocks_per_s", "query_p50_us", "query_p99_us",
-        "naive_query_p50_us", "speedup_vs_naive", "hash_8k_tokens_us", "bytes_per_block_traced",
+        "ingest_blocks_per_s",
+        "ingest_unique_blocks_per_s",
+        "query_p50_us",
+        "query_p99_us",
+        "naive_query_p50_us",
+        "speedup_vs_naive",
+        "hash_8k_tokens_us",
+        "bytes_per_block_traced",
     ):
         assert result[key] > 0, key
     # RSS grows by whole pages, and 2,048 blocks may fit in memory the process already has.
@@ -43,7 +55,10 @@ def test_bench_index_prints_one_json_object_with_its_figures():
     assert result["agree_with_naive"] is True
     assert result["workload"]["worker_blocks"] == 4 * 512
     assert set(result["targets"]) == {
-        "ingest_blocks_per_s", "query_p99_us", "speedup_vs_naive", "bytes_per_block"
+        "ingest_blocks_per_s",
+        "query_p99_us",
+        "speedup_vs_naive",
+        "bytes_per_block",
     }
     assert "[bench index]" in out.stderr  # progress goes to stderr
 
@@ -59,9 +74,15 @@ def test_bench_epp_quick_run_reports_every_figure():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     for key in (
-        "added_p50_ms_1k", "added_p99_ms_1k", "added_p50_ms_8k", "added_p99_ms_8k",
-        "decisions_per_s", "stream_chunks_per_s", "bare_grpc_echo_per_s",
-        "wire_us_per_chunk", "reference_wire_us_per_chunk",
+        "added_p50_ms_1k",
+        "added_p99_ms_1k",
+        "added_p50_ms_8k",
+        "added_p99_ms_8k",
+        "decisions_per_s",
+        "stream_chunks_per_s",
+        "bare_grpc_echo_per_s",
+        "wire_us_per_chunk",
+        "reference_wire_us_per_chunk",
     ):
         assert key in result, key
     # Every figure comes from traffic that really flowed
@@ -72,5 +93,8 @@ def test_bench_epp_quick_run_reports_every_figure():
     assert 900 <= result["prompt_tokens_1k"] <= 1150
     assert 7500 <= result["prompt_tokens_8k"] <= 9000
     assert set(result["targets"]) == {
-        "added_p50_ms_1k", "added_p99_ms_1k", "decisions_per_s", "stream_chunks_per_s"
+        "added_p50_ms_1k",
+        "added_p99_ms_1k",
+        "decisions_per_s",
+        "stream_chunks_per_s",
     }

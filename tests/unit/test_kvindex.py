@@ -90,11 +90,20 @@ def test_same_content_under_a_second_engine_hash_is_one_block(index):
 
 
 def test_rejections_are_counted_by_reason(index):
-    before = {r: dropped(r) for r in (
-        "unknown_parent", "unknown_block", "inconsistent_parent", "block_size_mismatch",
-        "token_count_mismatch", "bad_token_ids", "missing_token_ids", "unknown_worker",
-        "duplicate_block_hash",
-    )}
+    before = {
+        r: dropped(r)
+        for r in (
+            "unknown_parent",
+            "unknown_block",
+            "inconsistent_parent",
+            "block_size_mismatch",
+            "token_count_mismatch",
+            "bad_token_ids",
+            "missing_token_ids",
+            "unknown_worker",
+            "duplicate_block_hash",
+        )
+    }
     t = toks(2)
     index.apply("a", stored([1, 2], None, t))
     index.apply("a", stored([5, 6], 999, t))  # parent nobody announced
