@@ -412,7 +412,8 @@ async def _latency(
     return via_epp, direct
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     import socket
 
     with socket.socket() as s:
@@ -450,7 +451,7 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
         await b.start()
     endpoints = work / "endpoints.yaml"
     endpoints.write_text(yaml.safe_dump({"endpoints": [b.endpoint_entry() for b in backends]}))
-    grpc_port, health_port, metrics_port = _free_port(), _free_port(), _free_port()
+    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
     epp_cmd = [
         sys.executable,
         "-m",
@@ -492,13 +493,13 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(0.1)
         _progress(f"EPP ready (pid {epp.pid}); {len(backends)} backends")
         gw = GatewayConfig(
-            listen_port=_free_port(),
-            admin_port=_free_port(),
+            listen_port=free_port(),
+            admin_port=free_port(),
             epp_port=grpc_port,
             epp_tls=not args.plaintext,
         )
         direct = GatewayConfig(
-            listen_port=_free_port(), admin_port=_free_port(), epp_port=grpc_port, ext_proc=False
+            listen_port=free_port(), admin_port=free_port(), epp_port=grpc_port, ext_proc=False
         )
         for cfg, name in ((gw, "gw"), (direct, "direct")):
             (work / name).mkdir()

@@ -109,6 +109,7 @@ class EppApp:
                 subset_filter=not opts.disable_endpoint_subset_filter,
                 testing_filter=_has_plugin(scheduler, "header-based-testing-filter"),
                 served_verifier=_has_plugin(scheduler, "destination-endpoint-served-verifier"),
+                prefix_text=_has_plugin(scheduler, "prefix-cache-scorer"),
                 decision_log_size=opts.decision_log_size,
             ),
         )

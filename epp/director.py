@@ -69,6 +69,9 @@ class DirectorConfig:
     """The conformance ``destination-endpoint-served-verifier``: the served endpoint goes
     back to the client in ``x-conformance-test-served-endpoint``."""
     decision_log_size: int = 256
+    prefix_text: bool = True
+    """Build the prompt's text form for the scheduler (only the ``prefix-cache-scorer``
+    reads it)."""
 
 
 @dataclass(slots=True)
@@ -85,6 +88,17 @@ class _Exchange:
     # Kept to re-run the post-pick hooks on the served endpoint (gateway retries).
     request: SchedulingRequest | None = None
     decision: Decision | None = None
+
+
+def _prefix_text(parsed: ParsedRequest) -> bytes:
+    """The prompt as text, as the approximate prefix index hashes it."""
+    body = parsed.body
+    if parsed.api == "chat":
+        return _encode_json(body.get("messages"))
+    if parsed.api == "completions":
+        prompt = body.get("prompt")
+        return prompt.encode("utf-8") if isinstance(prompt, str) else _encode_json(prompt)
+    return _encode_json(body.get("input"))
 
 
 def worker_label(worker: Worker, dp_size: int = 1) -> str:
@@ -238,14 +252,11 @@ class Director:
         self, info: RequestInfo, parsed: ParsedRequest, token_ids: Sequence[int] | None
     ) -> SchedulingRequest:
         bs = self.config.block_size
-        body = parsed.body
-        if parsed.api == "chat":
-            prefix = _encode_json(body.get("messages"))
-        elif parsed.api == "completions":
-            prompt = body.get("prompt")
-            prefix = prompt.encode("utf-8") if isinstance(prompt, str) else _encode_json(prompt)
-        else:
-            prefix = _encode_json(body.get("input"))
+        # The text form of the prompt feeds only the approximate prefix scorer and, without
+        # token ids, the length estimate; serialising it otherwise is wasted work.
+        prefix = b""
+        if self.config.prefix_text or token_ids is None:
+            prefix = _prefix_text(parsed)
         if token_ids is not None:
             seed = hashing.chain_seed(None, parsed.cache_salt)
             keys = hashing.block_hashes(token_ids, bs, seed)
@@ -350,12 +361,14 @@ class Director:
             )
         body = None
         if self.config.token_data and token_ids is not None:
-            new = dict(parsed.body)
-            nvext = new.get("nvext")
-            nvext = dict(nvext) if isinstance(nvext, dict) else {}
-            nvext["token_data"] = list(token_ids)
-            new["nvext"] = nvext
-            body = _encode_json(new)
+            # The parsed body is this request's own object and is not read again: extend it
+            # in place rather than copying it (or the token ids) first.
+            doc = parsed.body
+            nvext = doc.get("nvext")
+            if not isinstance(nvext, dict):
+                nvext = doc["nvext"] = {}
+            nvext["token_data"] = token_ids
+            body = _encode_json(doc)
         return Routed(destination=destination, set_headers=set_headers, body=body, state=exchange)
 
     # ------------------------------------------------------------- logging

@@ -3,8 +3,8 @@
 Every service name answers with the EPP's readiness (specs/epp-protocol.md §1: the
 reference EPP without leader election does the same): SERVING once discovery has synced,
 NOT_SERVING before that and while draining. ``Watch`` is not implemented, as in the
-reference. The two messages are tiny, so they are encoded here by hand rather than pulling
-in generated stubs.
+reference. The two messages are tiny, so they are read with :mod:`epp.extproc.wire`'s field
+reader and written by hand rather than through generated stubs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import grpc
+
+from epp.extproc import wire
 
 SERVICE = "grpc.health.v1.Health"
 
@@ -32,32 +34,12 @@ KNOWN_SERVICES = (
 
 def decode_service(data: bytes) -> str:
     """The ``service`` field of a ``HealthCheckRequest``; empty when absent or malformed."""
-    pos = 0
     name = ""
     try:
-        while pos < len(data):
-            key = data[pos]
-            pos += 1
-            if key & 7 == 2:
-                length = 0
-                shift = 0
-                while True:
-                    b = data[pos]
-                    pos += 1
-                    length |= (b & 0x7F) << shift
-                    shift += 7
-                    if b < 0x80:
-                        break
-                if key >> 3 == 1:
-                    name = data[pos : pos + length].decode("utf-8", "replace")
-                pos += length
-            elif key & 7 == 0:
-                while data[pos] & 0x80:
-                    pos += 1
-                pos += 1
-            else:
-                return name
-    except IndexError:
+        for number, wire_type, value in wire.iter_fields(data):
+            if number == 1 and wire_type == 2:
+                name = bytes(value).decode("utf-8", "replace")
+    except (wire.WireError, IndexError):
         return name
     return name
 

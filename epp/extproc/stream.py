@@ -159,7 +159,7 @@ class ExtProcStream:
         self._router = router
         self._pairs: list[tuple[str, str]] = []
         self._headers: dict[str, str] = {}
-        self._body = bytearray()
+        self._body: list[bytes] = []
         self._metadata: dict[str, Any] = {}
         self._request_mode = wire.BODY_FULL_DUPLEX_STREAMED
         self._response_mode = wire.BODY_FULL_DUPLEX_STREAMED
@@ -233,16 +233,17 @@ class ExtProcStream:
     def _request_body(self, req: wire.ExtProcRequest) -> Sequence[bytes]:
         if self._done_request:
             return ()  # a chunk after the end of the body (a repeated end_of_stream)
-        self._body += req.body
+        if req.body:
+            self._body.append(req.body)
         if not req.end_of_stream:
             return ()
-        return self._route(bytes(self._body), final=True)
+        return self._route(b"".join(self._body), final=True)
 
     def _request_trailers(self) -> Sequence[bytes]:
         if self._done_request:
             return (wire.encode_trailers_response(),)
         # The body ended without end_of_stream because trailers end the request.
-        out = list(self._route(bytes(self._body), final=False))
+        out = list(self._route(b"".join(self._body), final=False))
         if not self._aborted:
             out.append(wire.encode_trailers_response())
         return out

@@ -132,7 +132,7 @@ def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
             raise WireError("varint longer than 10 bytes")
 
 
-def _fields(buf: bytes | memoryview) -> Iterable[tuple[int, int, Any]]:
+def iter_fields(buf: bytes | memoryview) -> Iterable[tuple[int, int, Any]]:
     """Yield ``(field number, wire type, value)``: an int for varint/fixed fields, a
     memoryview slice for length-delimited ones."""
     pos = 0
@@ -175,12 +175,12 @@ def _text(value: memoryview) -> str:
 
 
 def _header_map(buf: memoryview, out: list[tuple[str, str]]) -> None:
-    for number, wt, value in _fields(buf):
+    for number, wt, value in iter_fields(buf):
         if number == 1 and wt == _WT_LEN:  # HeaderMap.headers: HeaderValue
             key = ""
             text = ""
             raw: memoryview | None = None
-            for n, w, v in _fields(value):
+            for n, w, v in iter_fields(value):
                 if w != _WT_LEN:
                     continue
                 if n == 1:
@@ -195,7 +195,7 @@ def _header_map(buf: memoryview, out: list[tuple[str, str]]) -> None:
 def _value(buf: memoryview) -> Any:
     """A ``google.protobuf.Value`` as a Python value (None, float, str, bool, dict, list)."""
     result: Any = None
-    for number, wt, value in _fields(buf):
+    for number, wt, value in iter_fields(buf):
         if number == 1:
             result = None
         elif number == 2 and wt == _WT_I64:
@@ -207,14 +207,14 @@ def _value(buf: memoryview) -> Any:
         elif number == 5 and wt == _WT_LEN:
             result = _struct(value)
         elif number == 6 and wt == _WT_LEN:
-            result = [_value(v) for n, w, v in _fields(value) if n == 1 and w == _WT_LEN]
+            result = [_value(v) for n, w, v in iter_fields(value) if n == 1 and w == _WT_LEN]
     return result
 
 
 def _map_entry(buf: memoryview) -> tuple[str, memoryview | None]:
     key = ""
     val: memoryview | None = None
-    for number, wt, value in _fields(buf):
+    for number, wt, value in iter_fields(buf):
         if wt != _WT_LEN:
             continue
         if number == 1:
@@ -226,7 +226,7 @@ def _map_entry(buf: memoryview) -> tuple[str, memoryview | None]:
 
 def _struct(buf: memoryview) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for number, wt, value in _fields(buf):
+    for number, wt, value in iter_fields(buf):
         if number == 1 and wt == _WT_LEN:  # map<string, Value> entry
             key, val = _map_entry(value)
             out[key] = None if val is None else _value(val)
@@ -245,7 +245,7 @@ def _struct_map(buf: memoryview, out: dict[str, Any]) -> None:
 
 
 def _body(buf: memoryview, req: ExtProcRequest) -> None:
-    for number, wt, value in _fields(buf):
+    for number, wt, value in iter_fields(buf):
         if number == 1 and wt == _WT_LEN:
             req.body = bytes(value)
         elif number == 2 and wt == _WT_VARINT:
@@ -255,7 +255,7 @@ def _body(buf: memoryview, req: ExtProcRequest) -> None:
 def _headers(buf: memoryview, req: ExtProcRequest) -> None:
     if req.headers is None:
         req.headers = []
-    for number, wt, value in _fields(buf):
+    for number, wt, value in iter_fields(buf):
         if number == 1 and wt == _WT_LEN:
             _header_map(value, req.headers)
         elif number == 2 and wt == _WT_LEN:
@@ -267,14 +267,14 @@ def _headers(buf: memoryview, req: ExtProcRequest) -> None:
 def _trailers(buf: memoryview, req: ExtProcRequest) -> None:
     if req.headers is None:
         req.headers = []
-    for number, wt, value in _fields(buf):
+    for number, wt, value in iter_fields(buf):
         if number == 1 and wt == _WT_LEN:
             _header_map(value, req.headers)
 
 
 def _protocol_config(buf: memoryview) -> ProtocolConfig:
     cfg = ProtocolConfig()
-    for number, wt, value in _fields(buf):
+    for number, wt, value in iter_fields(buf):
         if wt != _WT_VARINT:
             continue
         if number == 1:
@@ -290,7 +290,7 @@ def decode_request(data: bytes) -> ExtProcRequest:
     """Decode one ``ProcessingRequest``; raises :class:`WireError` on invalid protobuf."""
     req = ExtProcRequest()
     try:
-        for number, wt, value in _fields(data):
+        for number, wt, value in iter_fields(data):
             if wt == _WT_LEN:
                 if number in (REQUEST_BODY, RESPONSE_BODY):
                     req.kind = number
@@ -302,7 +302,7 @@ def decode_request(data: bytes) -> ExtProcRequest:
                     req.kind = number
                     _trailers(value, req)
                 elif number == _METADATA_CONTEXT:
-                    for n, w, v in _fields(value):
+                    for n, w, v in iter_fields(value):
                         if n == 1 and w == _WT_LEN:  # filter_metadata
                             _struct_map(v, req.metadata)
                 elif number == _ATTRIBUTES:

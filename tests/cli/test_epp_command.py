@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import grpc
 import pytest
 
+from bench.epp import free_port
 from epp.extproc import health
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,12 +31,6 @@ plugins:
 - type: kv-aware-scorer
 - type: no-such-scorer
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def endpoints_file(tmp_path: pathlib.Path, text: str | None = None) -> pathlib.Path:

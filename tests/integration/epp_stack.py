@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -20,16 +19,11 @@ from typing import Any
 import yaml
 
 from bench.backends import ModelBackend
+from bench.epp import free_port
 from epp.app import EppApp
 from epp.options import parse_epp_args
 from gateway.envoy_config import GatewayConfig
 from gateway.envoy_proc import EnvoyProcess
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def until(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
