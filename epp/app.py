@@ -133,6 +133,7 @@ class EppApp:
                 max_recv=opts.grpc_max_recv_msg_size or DEFAULT_MAX_MESSAGE,
                 max_send=opts.grpc_max_send_msg_size or DEFAULT_MAX_MESSAGE,
                 health_on_grpc_port=opts.health_checking,
+                transport=opts.ext_proc_server,
             ),
             self.is_serving,
         )

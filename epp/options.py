@@ -211,6 +211,9 @@ FLAGS: tuple[FlagSpec, ...] = (
     _ref("grpc-max-send-msg-size", "size", "grpc_max_send_msg_size", None, G_SERVE,
          "largest gRPC message sent; 0: default",
          metavar="SIZE", lo=0, hi=MAX_GRPC_MSG_SIZE, none_if_zero=True, shown="64Mi"),
+    _own("ext-proc-server", "choice", "ext_proc_server", "h2", G_SERVE,
+         "ext_proc server implementation: h2 (kvpick's HTTP/2 server in the event loop; "
+         "fastest) or grpcio (grpc.aio)", choices=("h2", "grpcio"), metavar="IMPL"),
     _ref("drain-timeout", "duration", "drain_timeout", 30.0, G_SERVE,
          "after SIGTERM: report NOT_SERVING, keep serving ext_proc this long, then stop",
          metavar="DURATION", lo=0),
@@ -622,6 +625,7 @@ class EppOptions:
     model_server_metrics_path: str = "/metrics"
     model_server_metrics_port: int | None = None
     model_server_metrics_scheme: str = "http"
+    ext_proc_server: str = "h2"
     # Logging.
     verbosity: int = 0
     log_format: LogFormat = "console"

@@ -1,8 +1,13 @@
 """The ext_proc gRPC server (:9002) and the health server (:9003).
 
-The ``Process`` method is registered as a raw-bytes stream-stream handler: messages go
-through :mod:`epp.extproc.wire`, not through generated protobuf classes, because the
-per-message cost bounds how many token streams one EPP relays.
+Two implementations serve the same methods, chosen by ``ServerConfig.transport``:
+
+* ``h2`` (the default): :mod:`epp.extproc.h2server`, gRPC on HTTP/2 inside the event loop,
+  no threads; each exchange with the gateway costs one wake-up of the EPP instead of two.
+* ``grpcio``: grpc.aio, with ``Process`` registered as a raw-bytes stream-stream handler.
+
+Either way messages go through :mod:`epp.extproc.wire`, not generated protobuf classes,
+because the per-message cost bounds how many token streams one EPP relays.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from epp.extproc import health, tls
+from epp.extproc import h2server, health, tls
 from epp.extproc.stream import ExtProcStream, Router
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,27 @@ class ServerConfig:
     max_recv: int = DEFAULT_MAX_MESSAGE
     max_send: int = DEFAULT_MAX_MESSAGE
     health_on_grpc_port: bool = False
+    transport: str = "h2"
+    """``h2`` (kvpick's in-loop HTTP/2 server) or ``grpcio`` (grpc.aio)."""
+
+
+TRANSPORTS = ("h2", "grpcio")
+
+
+class _HealthCall:
+    """A ``Health/Check`` call on :class:`h2server.H2Server`: one answer per request."""
+
+    __slots__ = ("_is_serving",)
+
+    def __init__(self, is_serving: Callable[[str], bool]) -> None:
+        self._is_serving = is_serving
+
+    def handle(self, message: bytes) -> tuple[bytes]:
+        serving = self._is_serving(health.decode_service(message))
+        return (health.encode_status(health.SERVING if serving else health.NOT_SERVING),)
+
+    def close(self) -> None:
+        pass
 
 
 def process_handler(router: Router) -> grpc.GenericRpcHandler:
@@ -68,13 +94,71 @@ class ExtProcServer:
         self.config = config
         self._router = router
         self._is_serving = is_serving
-        self._grpc: grpc.aio.Server | None = None
-        self._health: grpc.aio.Server | None = None
+        self._grpc: grpc.aio.Server | h2server.H2Server | None = None
+        self._health: grpc.aio.Server | h2server.H2Server | None = None
         self.grpc_port = config.grpc_port
         self.health_port = config.health_port
+        self._where = ""
+
+    def _credentials(self) -> tuple[bytes, bytes, str] | None:
+        cfg = self.config
+        if not cfg.secure:
+            return None
+        if cfg.cert_path:
+            key, cert = tls.load(cfg.cert_path)
+            return key, cert, cfg.cert_path
+        key, cert = tls.self_signed()
+        return key, cert, "self-signed"
 
     async def start(self) -> None:
-        """Bind both ports and start serving; raises OSError-like errors on bind failure."""
+        """Bind both ports and start serving; raises OSError on bind failure."""
+        cfg = self.config
+        if cfg.transport not in TRANSPORTS:
+            raise ValueError(
+                f"unknown ext_proc transport {cfg.transport!r}; use one of {TRANSPORTS}"
+            )
+        if cfg.transport == "h2":
+            await self._start_h2()
+        else:
+            await self._start_grpcio()
+        log.info(
+            "ext_proc listening on %s:%d (%s, %s); health on :%d",
+            cfg.host,
+            self.grpc_port,
+            self._where,
+            cfg.transport,
+            self.health_port,
+        )
+
+    async def _start_h2(self) -> None:
+        cfg = self.config
+        creds = self._credentials()
+        context = None
+        self._where = "plaintext"
+        if creds is not None:
+            context = h2server.server_ssl_context(creds[0], creds[1])
+            self._where = creds[2]
+        router = self._router
+        handlers: dict[str, h2server.HandlerFactory] = {
+            f"/{SERVICE}/Process": lambda: ExtProcStream(router)
+        }
+        if cfg.health_on_grpc_port:
+            handlers[f"/{health.SERVICE}/Check"] = lambda: _HealthCall(lambda _name: True)
+        server = h2server.H2Server(handlers, max_message=cfg.max_recv, ssl_context=context)
+        is_serving = self._is_serving
+        hserver = h2server.H2Server(
+            {f"/{health.SERVICE}/Check": lambda: _HealthCall(is_serving)},
+            max_message=64 * 1024,
+        )
+        self.grpc_port = await server.start(cfg.host, cfg.grpc_port)
+        try:
+            self.health_port = await hserver.start(cfg.host, cfg.health_port)
+        except OSError:
+            await server.stop(0)
+            raise
+        self._grpc, self._health = server, hserver
+
+    async def _start_grpcio(self) -> None:
         cfg = self.config
         options = [
             ("grpc.max_receive_message_length", cfg.max_recv),
@@ -86,17 +170,13 @@ class ExtProcServer:
         if cfg.health_on_grpc_port:
             server.add_generic_rpc_handlers((health.health_handler(lambda _name: True),))
         address = f"{cfg.host}:{cfg.grpc_port}"
-        if cfg.secure:
-            if cfg.cert_path:
-                key, cert = tls.load(cfg.cert_path)
-                where = cfg.cert_path
-            else:
-                key, cert = tls.self_signed()
-                where = "self-signed"
+        creds = self._credentials()
+        if creds is not None:
+            key, cert, self._where = creds
             port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
         else:
             port = server.add_insecure_port(address)
-            where = "plaintext"
+            self._where = "plaintext"
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         self.grpc_port = port
@@ -109,13 +189,6 @@ class ExtProcServer:
         await server.start()
         await hserver.start()
         self._grpc, self._health = server, hserver
-        log.info(
-            "ext_proc listening on %s:%d (%s); health on :%d",
-            cfg.host,
-            port,
-            where,
-            hport,
-        )
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting streams; streams in flight get ``grace`` seconds to finish."""

@@ -6,12 +6,14 @@ the client writes envoy-data-plane's ``ProcessingRequest`` messages and parses t
 show: exact message order on one stream, the destination metadata next to the header, subset
 hints in both shapes, the served-endpoint key, BUFFERED bodies above gRPC's default size
 limit, health service names, client cancellation and TLS (specs/epp-protocol.md §1-§5).
+Each test runs twice: on kvpick's HTTP/2 server and on grpc.aio (``--ext-proc-server``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import pathlib
 import sys
@@ -50,6 +52,17 @@ CLIENT_OPTIONS = [
 ]
 
 
+TRANSPORT: contextvars.ContextVar[str] = contextvars.ContextVar("transport", default="h2")
+
+
+@pytest.fixture(autouse=True, params=["h2", "grpcio"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every test runs against both ext_proc server implementations."""
+    token = TRANSPORT.set(request.param)
+    yield request.param
+    TRANSPORT.reset(token)
+
+
 @contextlib.asynccontextmanager
 async def running_epp(
     tmp_path: pathlib.Path,
@@ -71,6 +84,7 @@ async def running_epp(
         str(free_port()),
     ]
     argv += ["--cert-path", str(cert_dir)] if cert_dir else ["--secure-serving=false"]
+    argv += ["--ext-proc-server", TRANSPORT.get()]
     app = EppApp(parse_epp_args([*argv, *args], env={}), host="127.0.0.1")
     await app.start()
     try:

@@ -1,0 +1,660 @@
+"""A small gRPC server on HTTP/2, run on the asyncio loop itself.
+
+Why not grpc.aio here: every message grpc.aio delivers crosses from its poller thread to
+the event loop, and on a small VM a wake-up on another CPU costs hundreds of microseconds
+(docs/benchmarks.md measures it). One ext_proc request needs at least three exchanges with
+the gateway, each on the gateway's critical path. This server reads frames in the loop's
+own ``data_received`` callback and answers in the same callback, one write per batch.
+
+What it implements (RFC 9113 and the gRPC-over-HTTP/2 wire format), and what it guarantees:
+
+* the connection preface, SETTINGS (ours sent first, the peer's acknowledged), PING,
+  WINDOW_UPDATE, RST_STREAM, GOAWAY, HEADERS with CONTINUATION, padding, PRIORITY ignored;
+* flow control both ways: received bytes are credited back as they are consumed, and
+  nothing is sent beyond the peer's connection and stream windows (what does not fit
+  waits for the peer's WINDOW_UPDATE, in order);
+* length-prefixed gRPC messages reassembled across DATA frames; a message over the size
+  limit ends its stream with RESOURCE_EXHAUSTED, a compressed one with UNIMPLEMENTED, an
+  unknown method gets UNIMPLEMENTED, a handler that raises gets INTERNAL;
+* every stream's handler is closed exactly once: on the client's end of stream, on
+  RST_STREAM, or when the connection is lost;
+* protocol violations close the connection with GOAWAY and the right error code.
+
+Handlers are synchronous: ``handle(bytes)`` returns the messages to send back, and
+``close()`` releases the stream. :class:`epp.extproc.stream.ExtProcStream` is one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Protocol
+from urllib.parse import quote
+
+import hpack
+
+log = logging.getLogger(__name__)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Frame types (RFC 9113 §6).
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
+WINDOW_UPDATE, CONTINUATION = 8, 9
+
+# Flags.
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+
+# Settings identifiers.
+S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
+S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
+
+# Error codes (RFC 9113 §7).
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 5, 6, 7, 8
+COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 9, 11
+
+# gRPC status codes.
+GRPC_OK, GRPC_INTERNAL, GRPC_UNIMPLEMENTED, GRPC_RESOURCE_EXHAUSTED = 0, 13, 12, 8
+GRPC_UNAVAILABLE = 14
+
+MAX_WINDOW = 2**31 - 1
+RECV_WINDOW = 16 * 1024 * 1024
+"""What we let the peer send ahead, per stream and (raised at start) per connection."""
+OUR_MAX_FRAME = 1 << 20
+"""Larger DATA frames from the peer mean fewer frames to parse for a big body."""
+MAX_HEADER_BLOCK = 256 * 1024
+MAX_STREAMS = 10_000
+
+
+class StreamHandler(Protocol):
+    def handle(self, message: bytes) -> Sequence[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+HandlerFactory = Callable[[], StreamHandler]
+
+
+class ConnectionError_(Exception):
+    """A connection-level protocol error: GOAWAY with ``code``, then close."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+def _frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return (
+        bytes((n >> 16 & 0xFF, n >> 8 & 0xFF, n & 0xFF, ftype, flags))
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """One header as an HPACK literal that is never indexed, with a literal name: it
+    touches no compression state, so it can be built once and sent on any connection."""
+    return b"\x10" + _hpack_int(len(name), 7, 0) + name + _hpack_int(len(value), 7, 0) + value
+
+
+_RESPONSE_HEADERS = b"\x88" + _literal(b"content-type", b"application/grpc")  # :status 200
+
+
+def _status_block(code: int, message: str, *, with_headers: bool) -> bytes:
+    block = _RESPONSE_HEADERS if with_headers else b""
+    block += _literal(b"grpc-status", str(code).encode())
+    if message:
+        # gRPC percent-encodes the message (spaces included are fine as-is).
+        block += _literal(b"grpc-message", quote(message, safe=" ").encode())
+    return block
+
+
+def _grpc_message(payload: bytes) -> bytes:
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+class _Stream:
+    __slots__ = (
+        "buf",
+        "closed_local",
+        "handler",
+        "headers_sent",
+        "id",
+        "pending",
+        "recv_unacked",
+        "remote_ended",
+        "send_window",
+    )
+
+    def __init__(self, stream_id: int, handler: StreamHandler | None, send_window: int) -> None:
+        self.id = stream_id
+        self.handler = handler
+        self.buf = bytearray()
+        self.send_window = send_window
+        self.pending: list[tuple[bytes, bool]] = []  # (DATA payload, last) waiting for window
+        self.recv_unacked = 0
+        self.headers_sent = False
+        self.closed_local = False
+        self.remote_ended = False
+
+
+class H2Connection(asyncio.Protocol):
+    """One HTTP/2 connection from a gateway; see the module docstring for what it does."""
+
+    def __init__(
+        self,
+        handlers: dict[bytes, HandlerFactory],
+        max_message: int,
+        server: H2Server,
+    ) -> None:
+        self._handlers = handlers
+        self._max_message = max_message
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._inbuf = bytearray()
+        self._preface_seen = False
+        self._streams: dict[int, _Stream] = {}
+        self._last_stream = 0
+        self._decoder = hpack.Decoder()
+        self._decoder.max_header_list_size = MAX_HEADER_BLOCK
+        self._header_block: bytearray | None = None
+        self._header_stream = 0
+        self._header_end_stream = False
+        self._peer_initial_window = 65_535
+        self._peer_max_frame = 16_384
+        self._conn_send_window = 65_535
+        self._conn_recv_unacked = 0
+        self._out: list[bytes] = []
+        self._going_away = False
+        self._closed = False
+
+    # ------------------------------------------------------------- transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._server._connections.add(self)
+        settings = b"".join(
+            k.to_bytes(2, "big") + v.to_bytes(4, "big")
+            for k, v in (
+                (S_ENABLE_PUSH, 0),
+                (S_MAX_CONCURRENT_STREAMS, MAX_STREAMS),
+                (S_INITIAL_WINDOW_SIZE, RECV_WINDOW),
+                (S_MAX_FRAME_SIZE, OUR_MAX_FRAME),
+                (S_MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK),
+            )
+        )
+        transport.write(
+            _frame(SETTINGS, 0, 0, settings)
+            + _frame(WINDOW_UPDATE, 0, 0, (RECV_WINDOW - 65_535).to_bytes(4, "big"))
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._server._connections.discard(self)
+        streams, self._streams = self._streams, {}
+        for st in streams.values():
+            self._close_handler(st)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._inbuf
+        buf += data
+        try:
+            if not self._preface_seen:
+                if len(buf) < len(PREFACE):
+                    if not PREFACE.startswith(bytes(buf)):
+                        raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                    return
+                if buf[: len(PREFACE)] != PREFACE:
+                    raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                del buf[: len(PREFACE)]
+                self._preface_seen = True
+            pos = 0
+            end = len(buf)
+            while end - pos >= 9:
+                length = buf[pos] << 16 | buf[pos + 1] << 8 | buf[pos + 2]
+                if length > OUR_MAX_FRAME:
+                    raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                if end - pos - 9 < length:
+                    break
+                ftype = buf[pos + 3]
+                flags = buf[pos + 4]
+                sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                payload = bytes(buf[pos + 9 : pos + 9 + length])
+                pos += 9 + length
+                self._frame(ftype, flags, sid, payload)
+                if self._closed:
+                    return
+            if pos:
+                del buf[:pos]
+        except ConnectionError_ as exc:
+            self._fail(exc.code, str(exc))
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._out and self._transport is not None and not self._closed:
+            out = self._out
+            self._out = []
+            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if self._going_away and not self._streams and not self._closed:
+            self._closed = True
+            if self._transport is not None:
+                self._transport.close()
+
+    def _fail(self, code: int, why: str) -> None:
+        log.warning("closing HTTP/2 connection from the gateway: %s", why)
+        self._out.append(
+            _frame(GOAWAY, 0, 0, self._last_stream.to_bytes(4, "big") + code.to_bytes(4, "big"))
+        )
+        out, self._out = self._out, []
+        if self._transport is not None and not self._closed:
+            self._transport.write(b"".join(out))
+            self._transport.close()
+        self._closed = True
+
+    def go_away(self) -> None:
+        """Tell the peer no new streams will be taken; close once the open ones end."""
+        if self._closed or self._going_away:
+            return
+        self._going_away = True
+        self._out.append(
+            _frame(GOAWAY, 0, 0, self._last_stream.to_bytes(4, "big") + NO_ERROR.to_bytes(4, "big"))
+        )
+        self._flush()
+
+    def abort(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.close()
+
+    # ---------------------------------------------------------------- frames
+
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        if self._header_block is not None and ftype != CONTINUATION:
+            raise ConnectionError_(PROTOCOL_ERROR, "header block interrupted")
+        if ftype == DATA:
+            self._on_data(flags, sid, payload)
+        elif ftype == HEADERS:
+            self._on_headers(flags, sid, payload)
+        elif ftype == CONTINUATION:
+            if self._header_block is None or sid != self._header_stream:
+                raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+            self._header_block += payload
+            if len(self._header_block) > MAX_HEADER_BLOCK:
+                raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
+            if flags & END_HEADERS:
+                self._end_headers()
+        elif ftype == SETTINGS:
+            self._on_settings(flags, sid, payload)
+        elif ftype == WINDOW_UPDATE:
+            self._on_window_update(sid, payload)
+        elif ftype == PING:
+            if sid != 0 or len(payload) != 8:
+                raise ConnectionError_(PROTOCOL_ERROR, "malformed PING")
+            if not flags & ACK:
+                self._out.append(_frame(PING, ACK, 0, payload))
+        elif ftype == RST_STREAM:
+            if sid == 0 or len(payload) != 4:
+                raise ConnectionError_(PROTOCOL_ERROR, "malformed RST_STREAM")
+            st = self._streams.pop(sid, None)
+            if st is not None:
+                self._close_handler(st)
+        elif ftype == GOAWAY:
+            self._going_away = True
+        elif ftype == PUSH_PROMISE:
+            raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+        # PRIORITY and unknown frame types are ignored, as the RFC requires.
+
+    def _strip_padding(self, flags: int, payload: bytes) -> bytes:
+        if flags & PADDED:
+            if not payload:
+                raise ConnectionError_(PROTOCOL_ERROR, "padded frame without pad length")
+            pad = payload[0]
+            if pad >= len(payload):
+                raise ConnectionError_(PROTOCOL_ERROR, "padding longer than the frame")
+            return payload[1 : len(payload) - pad]
+        return payload
+
+    def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0 or sid % 2 == 0:
+            raise ConnectionError_(PROTOCOL_ERROR, f"HEADERS on stream {sid}")
+        block = self._strip_padding(flags, payload)
+        if flags & PRIORITY_FLAG:
+            block = block[5:]
+        self._header_block = bytearray(block)
+        self._header_stream = sid
+        self._header_end_stream = bool(flags & END_STREAM)
+        if flags & END_HEADERS:
+            self._end_headers()
+
+    def _end_headers(self) -> None:
+        assert self._header_block is not None
+        block, self._header_block = bytes(self._header_block), None
+        sid = self._header_stream
+        try:
+            pairs = self._decoder.decode(block, raw=True)
+        except Exception as exc:  # hpack raises several types; all mean the same here
+            raise ConnectionError_(COMPRESSION_ERROR, f"bad header block: {exc}") from exc
+        st = self._streams.get(sid)
+        if st is not None:  # trailers from the client (gRPC clients rarely send any)
+            if self._header_end_stream:
+                self._remote_end(st)
+            return
+        if sid <= self._last_stream:
+            return  # a stream we already closed; its late headers mean nothing
+        self._last_stream = sid
+        if self._going_away:
+            self._out.append(_frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
+            return
+        path = b""
+        content_type = b""
+        for name, value in pairs:
+            if name == b":path":
+                path = value
+            elif name == b"content-type":
+                content_type = value
+        factory = self._handlers.get(path)
+        st = _Stream(sid, None, self._peer_initial_window)
+        self._streams[sid] = st
+        if factory is None or not content_type.startswith(b"application/grpc"):
+            why = f"unknown method {path.decode('latin-1')}" if factory is None else "not gRPC"
+            self._finish(st, GRPC_UNIMPLEMENTED, why)
+        else:
+            try:
+                st.handler = factory()
+            except Exception:
+                log.exception("stream handler could not be created")
+                self._finish(st, GRPC_INTERNAL, "internal error")
+        if self._header_end_stream:
+            self._remote_end(st)
+
+    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
+        flow = len(payload)
+        self._conn_recv_unacked += flow
+        if self._conn_recv_unacked >= RECV_WINDOW // 2:
+            self._out.append(
+                _frame(WINDOW_UPDATE, 0, 0, self._conn_recv_unacked.to_bytes(4, "big"))
+            )
+            self._conn_recv_unacked = 0
+        st = self._streams.get(sid)
+        if st is None:
+            if sid > self._last_stream:
+                raise ConnectionError_(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            return  # a stream we already closed
+        data = self._strip_padding(flags, payload)
+        st.recv_unacked += flow
+        if st.recv_unacked >= RECV_WINDOW // 2 and not flags & END_STREAM:
+            self._out.append(_frame(WINDOW_UPDATE, 0, sid, st.recv_unacked.to_bytes(4, "big")))
+            st.recv_unacked = 0
+        if st.closed_local:
+            buf = None
+        else:
+            buf = st.buf
+            buf += data
+        while buf is not None and len(buf) >= 5 and not st.closed_local:
+            size = int.from_bytes(buf[1:5], "big")
+            if buf[0] != 0:
+                self._finish(st, GRPC_UNIMPLEMENTED, "compressed messages are not accepted")
+                break
+            if size > self._max_message:
+                self._finish(
+                    st,
+                    GRPC_RESOURCE_EXHAUSTED,
+                    f"message of {size} bytes is over the limit of {self._max_message}",
+                )
+                break
+            if len(buf) < 5 + size:
+                break
+            message = bytes(buf[5 : 5 + size])
+            del buf[: 5 + size]
+            self._deliver(st, message)
+        if flags & END_STREAM:
+            self._remote_end(st)
+
+    def _deliver(self, st: _Stream, message: bytes) -> None:
+        handler = st.handler
+        if handler is None:
+            return
+        try:
+            replies = handler.handle(message)
+        except Exception:
+            log.exception("ext_proc stream %d failed", st.id)
+            self._finish(st, GRPC_INTERNAL, "internal error")
+            return
+        for reply in replies:
+            self._send_message(st, reply)
+
+    def _remote_end(self, st: _Stream) -> None:
+        st.remote_ended = True
+        if not st.closed_local:
+            if st.buf:
+                self._finish(st, GRPC_INTERNAL, "stream ended inside a message")
+            else:
+                self._finish(st, GRPC_OK, "")
+        if st.closed_local and not st.pending:
+            self._streams.pop(st.id, None)
+
+    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            return
+        if len(payload) % 6:
+            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+        for i in range(0, len(payload), 6):
+            key = int.from_bytes(payload[i : i + 2], "big")
+            value = int.from_bytes(payload[i + 2 : i + 6], "big")
+            if key == S_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window too large")
+                delta = value - self._peer_initial_window
+                self._peer_initial_window = value
+                for st in self._streams.values():
+                    st.send_window += delta
+            elif key == S_MAX_FRAME_SIZE:
+                if not 16_384 <= value <= 16_777_215:
+                    raise ConnectionError_(PROTOCOL_ERROR, f"max frame size {value}")
+                self._peer_max_frame = value
+            # The other settings constrain what the peer accepts from a server that sends
+            # no pushes and only small, literal header blocks: nothing to change here.
+        self._out.append(_frame(SETTINGS, ACK, 0))
+        self._drain_pending()
+
+    def _on_window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        inc = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if sid == 0:
+            if inc == 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "zero WINDOW_UPDATE")
+            self._conn_send_window += inc
+            if self._conn_send_window > MAX_WINDOW:
+                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window overflow")
+        else:
+            st = self._streams.get(sid)
+            if st is None:
+                return
+            st.send_window += inc
+            if st.send_window > MAX_WINDOW:
+                self._reset(st, FLOW_CONTROL_ERROR)
+                return
+        self._drain_pending()
+
+    # ---------------------------------------------------------------- output
+
+    def _send_message(self, st: _Stream, message: bytes) -> None:
+        if st.closed_local:
+            return
+        if not st.headers_sent:
+            st.headers_sent = True
+            self._out.append(_frame(HEADERS, END_HEADERS, st.id, _RESPONSE_HEADERS))
+        self._send_data(st, _grpc_message(message))
+
+    def _send_data(self, st: _Stream, data: bytes) -> None:
+        if st.pending:
+            st.pending.append((data, False))
+            return
+        rest = self._write_data(st, data)
+        if rest:
+            st.pending.append((rest, False))
+
+    def _write_data(self, st: _Stream, data: bytes) -> bytes:
+        """Writes as much of ``data`` as the windows allow; returns what is left."""
+        max_frame = self._peer_max_frame
+        out = self._out
+        sid = st.id
+        while data:
+            room = min(self._conn_send_window, st.send_window, max_frame)
+            if room <= 0:
+                return data
+            piece = data[:room] if len(data) > room else data
+            n = len(piece)
+            out.append(_frame(DATA, 0, sid, piece))
+            self._conn_send_window -= n
+            st.send_window -= n
+            data = data[n:]
+        return b""
+
+    def _drain_pending(self) -> None:
+        for st in list(self._streams.values()):
+            while st.pending:
+                data, trailers = st.pending[0]
+                if trailers:
+                    st.pending.pop(0)
+                    self._out.append(_frame(HEADERS, END_HEADERS | END_STREAM, st.id, data))
+                    continue
+                rest = self._write_data(st, data)
+                if rest:
+                    st.pending[0] = (rest, False)
+                    break
+                st.pending.pop(0)
+            if not st.pending and st.closed_local and st.remote_ended:
+                self._streams.pop(st.id, None)
+
+    def _finish(self, st: _Stream, code: int, message: str) -> None:
+        """Send the stream's trailers (trailers-only when no message went out) and close
+        its handler; later messages on it are discarded."""
+        if st.closed_local:
+            return
+        st.closed_local = True
+        block = _status_block(code, message, with_headers=not st.headers_sent)
+        st.headers_sent = True
+        if st.pending:
+            st.pending.append((block, True))
+        else:
+            self._out.append(_frame(HEADERS, END_HEADERS | END_STREAM, st.id, block))
+        st.buf.clear()
+        self._close_handler(st)
+        if not st.remote_ended and code != GRPC_OK and not st.pending:
+            # The client may still be sending; tell it to stop (the trailers went first).
+            self._out.append(_frame(RST_STREAM, 0, st.id, NO_ERROR.to_bytes(4, "big")))
+            st.remote_ended = True
+        if st.remote_ended and not st.pending:
+            self._streams.pop(st.id, None)
+
+    def _reset(self, st: _Stream, code: int) -> None:
+        self._out.append(_frame(RST_STREAM, 0, st.id, code.to_bytes(4, "big")))
+        self._streams.pop(st.id, None)
+        st.closed_local = True
+        self._close_handler(st)
+
+    def _close_handler(self, st: _Stream) -> None:
+        handler, st.handler = st.handler, None
+        if handler is not None:
+            try:
+                handler.close()
+            except Exception:
+                log.exception("closing ext_proc stream %d failed", st.id)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+
+class H2Server:
+    """Listens on one port and serves ``handlers`` (gRPC path → factory) over HTTP/2,
+    TLS with ALPN ``h2`` when ``ssl_context`` is given, cleartext (prior knowledge)
+    otherwise."""
+
+    def __init__(
+        self,
+        handlers: dict[str, HandlerFactory],
+        *,
+        max_message: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._handlers = {k.encode(): v for k, v in handlers.items()}
+        self._max_message = max_message
+        self._ssl = ssl_context
+        self._server: asyncio.Server | None = None
+        self._connections: set[H2Connection] = set()
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: H2Connection(self._handlers, self._max_message, self),
+            host=None if host in ("", "0.0.0.0", "::") else host,
+            port=port,
+            ssl=self._ssl,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Refuse new streams (GOAWAY), give open ones ``grace`` seconds, then close."""
+        if self._server is None:
+            return
+        self._server.close()
+        for conn in list(self._connections):
+            conn.go_away()
+        deadline = asyncio.get_running_loop().time() + (grace or 0.0)
+        while any(c.open_streams for c in self._connections):
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self._connections):
+            conn.abort()
+        await asyncio.sleep(0)
+        self._server = None
+
+
+def server_ssl_context(
+    key_pem: bytes, cert_pem: bytes, workdir: str | None = None
+) -> ssl.SSLContext:
+    """A TLS server context for HTTP/2 (ALPN ``h2``, TLS 1.2+) from PEM key and
+    certificate bytes."""
+    import os
+    import tempfile
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    # load_cert_chain reads files only; the files live just long enough to be read.
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        kf, cf = os.path.join(tmp, "tls.key"), os.path.join(tmp, "tls.crt")
+        with open(kf, "wb") as f:
+            f.write(key_pem)
+        with open(cf, "wb") as f:
+            f.write(cert_pem)
+        ctx.load_cert_chain(cf, kf)
+    return ctx
