@@ -19,8 +19,21 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import tokenizers
+
+IdsEncoder = Callable[[str, bool], list[int]]
+
+
+def ids_encoder(backend: tokenizers.Tokenizer) -> IdsEncoder:
+    """``f(text, add_special_tokens)`` equal to ``backend.encode(...).ids``, but cheaper
+    where the library has ``encode_batch_fast`` (tokenizers >= 0.21): it skips the
+    character offsets, which the EPP never reads (about a fifth of the time)."""
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is None:
+        return lambda text, special: backend.encode(text, add_special_tokens=special).ids
+    return lambda text, special: fast([text], add_special_tokens=special)[0].ids
 
 _PROBES = (
     "plain text, no special token",
@@ -43,6 +56,7 @@ class SegmentEncoder:
         min_cached_chars: int = 256,
     ) -> None:
         self._backend = backend
+        self._encode_ids = ids_encoder(backend)
         self._ids = specials
         ordered = sorted(specials, key=len, reverse=True)  # the longest match wins
         self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
@@ -79,19 +93,19 @@ class SegmentEncoder:
     def _encode_uncached(self, text: str) -> list[int]:
         out: list[int] = []
         pos = 0
-        encode = self._backend.encode
+        encode = self._encode_ids
         for m in self._pattern.finditer(text):
             if m.start() > pos:
-                out.extend(encode(text[pos : m.start()], add_special_tokens=False).ids)
+                out.extend(encode(text[pos : m.start()], False))
             out.append(self._ids[m.group()])
             pos = m.end()
         if pos < len(text):
-            out.extend(encode(text[pos:], add_special_tokens=False).ids)
+            out.extend(encode(text[pos:], False))
         return out
 
     def _piece(self, piece: str) -> list[int]:
         if len(piece) < self._min:
-            return self._backend.encode(piece, add_special_tokens=False).ids
+            return self._encode_ids(piece, False)
         cache = self._cache
         with self._lock:
             ids = cache.get(piece)
@@ -99,7 +113,7 @@ class SegmentEncoder:
                 cache.move_to_end(piece)
                 self.hits += 1
                 return ids
-        ids = self._backend.encode(piece, add_special_tokens=False).ids
+        ids = self._encode_ids(piece, False)
         with self._lock:
             self.misses += 1
             if piece not in cache and len(piece) <= self._max_chars:

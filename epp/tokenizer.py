@@ -49,7 +49,7 @@ import jinja2.parser
 import jinja2.sandbox
 import tokenizers
 
-from epp.token_segments import SegmentEncoder
+from epp.token_segments import SegmentEncoder, ids_encoder
 
 __all__ = [
     "ContentFormat",
@@ -667,6 +667,7 @@ class Tokenizer:
             raise TokenizerError(f"unknown content format {content_format!r}")
         self._backend = backend
         self._segments = SegmentEncoder.for_backend(backend)
+        self._encode_ids = ids_encoder(backend)
         self._special_tokens = dict(special_tokens or {})
         self._named: dict[str, str] = {}
         self._default: str | None = None
@@ -784,7 +785,7 @@ class Tokenizer:
         is the request field of that name, default true: BOS etc. per the post-processor)."""
         if not isinstance(text, str):
             raise TokenizerError("prompt must be a string")
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encode_ids(text, add_special_tokens)
 
     # ---- chat ----------------------------------------------------------------------------
 
@@ -924,7 +925,7 @@ class Tokenizer:
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if self._segments is not None and not add_special_tokens:
             return self._segments.encode(text)
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encode_ids(text, add_special_tokens)
 
     @property
     def segment_cache(self) -> SegmentEncoder | None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, models, pre_tokenizers
 
 from bench.tiny_tokenizer import SPECIAL_TOKENS, trained_tokenizer_json
-from epp.token_segments import SegmentEncoder
+from epp.token_segments import SegmentEncoder, ids_encoder
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,16 @@ def test_same_ids_as_encoding_the_whole_text(backend, parts):
     expected = backend.encode(text, add_special_tokens=False).ids
     assert enc.encode(text) == expected
     assert enc.encode(text) == expected  # again, now from the cache
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(pieces, max_size=12), st.booleans())
+def test_ids_encoder_equals_encode(backend, parts, special):
+    """The offset-free fast path gives exactly ``encode(...).ids``, special tokens or not."""
+    text = "".join(parts)
+    assert ids_encoder(backend)(text, special) == backend.encode(
+        text, add_special_tokens=special
+    ).ids
 
 
 def test_repeated_segments_come_from_the_cache(backend):
