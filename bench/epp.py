@@ -389,8 +389,15 @@ def _wire_costs(chunk: bytes) -> tuple[float, float]:
 
 
 async def _latency(
-    session: Any, epp_url: str, direct_url: str, bodies: list[bytes], addresses: list[str]
+    session: Any,
+    epp_url: str,
+    direct_url: str,
+    bodies: list[bytes],
+    forwarded: list[bytes],
+    addresses: list[str],
 ) -> tuple[list[float], list[float]]:
+    """Per-request latency through each gateway, alternating which goes first. The direct
+    gateway gets ``forwarded[i]``, the body the EPP would send on for ``bodies[i]``."""
     via_epp: list[float] = []
     direct: list[float] = []
     rng = random.Random(3)
@@ -400,11 +407,13 @@ async def _latency(
         for which in order:
             headers = {"content-type": "application/json"}
             url = epp_url
+            data = body
             if which == 1:
                 headers["x-gateway-destination-endpoint"] = dest
                 url = direct_url
+                data = forwarded[i]
             t = time.perf_counter()
-            async with session.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+            async with session.post(url + "/v1/chat/completions", data=data, headers=headers) as r:
                 await r.read()
                 if r.status != 200:
                     raise RuntimeError(f"request failed: {r.status}")
@@ -515,13 +524,23 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
                 tag = f"{size // 1024}k"
                 prompts = _chat_prompts(tok, size, n_requests + 20, seed=size)
                 bodies = [json.dumps(p).encode() for p in prompts]
-                ids = [len(tok.encode_chat(p["messages"])) for p in prompts[:20]]
+                # The baseline sends what the EPP forwards (the token ids in
+                # nvext.token_data), so the backends do the same work on both paths
+                # and the difference is the gateway's and the EPP's alone.
+                token_ids = [tok.encode_chat(p["messages"]) for p in prompts]
+                forwarded = [
+                    json.dumps({**p, "nvext": {"token_data": list(t)}}).encode()
+                    for p, t in zip(prompts, token_ids, strict=True)
+                ]
+                ids = [len(t) for t in token_ids[:20]]
                 _progress(
                     f"latency {tag}: {n_requests} requests, ~{int(statistics.mean(ids))} tokens"
                 )
-                await _latency(session, envoys[0].url, envoys[1].url, bodies[:20], addresses)
+                await _latency(
+                    session, envoys[0].url, envoys[1].url, bodies[:20], forwarded[:20], addresses
+                )
                 via, base = await _latency(
-                    session, envoys[0].url, envoys[1].url, bodies[20:], addresses
+                    session, envoys[0].url, envoys[1].url, bodies[20:], forwarded[20:], addresses
                 )
                 result[f"prompt_tokens_{tag}"] = int(statistics.mean(ids))
                 result[f"epp_p50_ms_{tag}"] = round(_pct(via, 0.5), 3)
