@@ -24,6 +24,10 @@ Figures (one JSON object on stdout; progress on stderr):
 * ``wire_us_per_chunk`` / ``reference_wire_us_per_chunk``: decoding one response-body
   chunk message and encoding its echo with kvpick's codec, and with envoy-data-plane's
   generated messages (the reason for the codec).
+* ``tcp_round_trip_p50_us``: a 200-byte TCP ping-pong between this process and an asyncio
+  echo process, one message in flight. It is the machine's price for one hop between two
+  processes (two wake-ups), which every ext_proc exchange pays; it puts the added latency
+  in proportion.
 """
 
 from __future__ import annotations
@@ -352,6 +356,52 @@ def _echo_server(port_out: Any) -> None:
     asyncio.run(main())
 
 
+# ----------------------------------------------------------- machine reference
+
+
+def _tcp_echo_server(port_out: Any) -> None:
+    async def main() -> None:
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+
+            def data_received(self, data: bytes) -> None:
+                self.transport.write(data)  # type: ignore[attr-defined]
+
+        server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", 0)
+        port_out.put(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def _tcp_round_trip_us(rounds: int = 3000) -> float:
+    """Median round trip of a 200-byte message to an echo process, in microseconds."""
+    import socket
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_tcp_echo_server, args=(q,))
+    proc.start()
+    try:
+        port = q.get(timeout=30)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            msg = b"x" * 200
+            times = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                sock.sendall(msg)
+                got = 0
+                while got < len(msg):
+                    got += len(sock.recv(65536))
+                times.append(time.perf_counter() - t)
+        return statistics.median(times[rounds // 10 :]) * 1e6
+    finally:
+        proc.terminate()
+        proc.join(5)
+
+
 # -------------------------------------------------------------------- the run
 
 
@@ -553,6 +603,7 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
         for e in envoys:
             e.stop()
         envoys.clear()
+        result["tcp_round_trip_p50_us"] = round(await asyncio.to_thread(_tcp_round_trip_us))
         if args.skip_throughput:
             return result
 
