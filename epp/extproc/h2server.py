@@ -636,25 +636,3 @@ class H2Server:
             conn.abort()
         await asyncio.sleep(0)
         self._server = None
-
-
-def server_ssl_context(
-    key_pem: bytes, cert_pem: bytes, workdir: str | None = None
-) -> ssl.SSLContext:
-    """A TLS server context for HTTP/2 (ALPN ``h2``, TLS 1.2+) from PEM key and
-    certificate bytes."""
-    import os
-    import tempfile
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["h2"])
-    # load_cert_chain reads files only; the files live just long enough to be read.
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        kf, cf = os.path.join(tmp, "tls.key"), os.path.join(tmp, "tls.crt")
-        with open(kf, "wb") as f:
-            f.write(key_pem)
-        with open(cf, "wb") as f:
-            f.write(cert_pem)
-        ctx.load_cert_chain(cf, kf)
-    return ctx

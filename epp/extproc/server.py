@@ -98,7 +98,6 @@ class ExtProcServer:
         self._health: grpc.aio.Server | h2server.H2Server | None = None
         self.grpc_port = config.grpc_port
         self.health_port = config.health_port
-        self._where = ""
 
     def _credentials(self) -> tuple[bytes, bytes, str] | None:
         cfg = self.config
@@ -117,27 +116,23 @@ class ExtProcServer:
             raise ValueError(
                 f"unknown ext_proc transport {cfg.transport!r}; use one of {TRANSPORTS}"
             )
+        creds = self._credentials()
         if cfg.transport == "h2":
-            await self._start_h2()
+            await self._start_h2(creds)
         else:
-            await self._start_grpcio()
+            await self._start_grpcio(creds)
         log.info(
             "ext_proc listening on %s:%d (%s, %s); health on :%d",
             cfg.host,
             self.grpc_port,
-            self._where,
+            creds[2] if creds is not None else "plaintext",
             cfg.transport,
             self.health_port,
         )
 
-    async def _start_h2(self) -> None:
+    async def _start_h2(self, creds: tuple[bytes, bytes, str] | None) -> None:
         cfg = self.config
-        creds = self._credentials()
-        context = None
-        self._where = "plaintext"
-        if creds is not None:
-            context = h2server.server_ssl_context(creds[0], creds[1])
-            self._where = creds[2]
+        context = tls.server_context(creds[0], creds[1]) if creds is not None else None
         router = self._router
         handlers: dict[str, h2server.HandlerFactory] = {
             f"/{SERVICE}/Process": lambda: ExtProcStream(router)
@@ -158,7 +153,7 @@ class ExtProcServer:
             raise
         self._grpc, self._health = server, hserver
 
-    async def _start_grpcio(self) -> None:
+    async def _start_grpcio(self, creds: tuple[bytes, bytes, str] | None) -> None:
         cfg = self.config
         options = [
             ("grpc.max_receive_message_length", cfg.max_recv),
@@ -170,13 +165,12 @@ class ExtProcServer:
         if cfg.health_on_grpc_port:
             server.add_generic_rpc_handlers((health.health_handler(lambda _name: True),))
         address = f"{cfg.host}:{cfg.grpc_port}"
-        creds = self._credentials()
         if creds is not None:
-            key, cert, self._where = creds
-            port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            port = server.add_secure_port(
+                address, grpc.ssl_server_credentials([(creds[0], creds[1])])
+            )
         else:
             port = server.add_insecure_port(address)
-            self._where = "plaintext"
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         self.grpc_port = port

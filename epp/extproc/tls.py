@@ -4,13 +4,17 @@ Gateways connect to the EPP over TLS and, as with the reference EPP, do not veri
 certificate (specs/epp-protocol.md §1), so a fresh self-signed certificate is what the
 default deployment uses. It is an ECDSA P-256 key rather than the reference's RSA-4096:
 the gateway accepts either, and P-256 is made in milliseconds where RSA-4096 takes
-seconds of start-up. gRPC negotiates ALPN ``h2`` itself.
+seconds of start-up. :func:`server_context` makes the TLS context kvpick's own HTTP/2
+server uses (ALPN ``h2``); grpc.aio negotiates ALPN itself.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import ssl
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -72,3 +76,17 @@ def load(cert_dir: str | Path) -> tuple[bytes, bytes]:
     except ValueError as exc:
         raise CertificateError(f"bad certificate or key in {directory}: {exc}") from None
     return out[0], out[1]
+
+
+def server_context(key_pem: bytes, cert_pem: bytes) -> ssl.SSLContext:
+    """A TLS 1.2+ server context offering ALPN ``h2``, from PEM key and certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    # load_cert_chain reads only files; these live just long enough to be read.
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file, cert_file = os.path.join(tmp, "tls.key"), os.path.join(tmp, "tls.crt")
+        Path(key_file).write_bytes(key_pem)
+        Path(cert_file).write_bytes(cert_pem)
+        ctx.load_cert_chain(cert_file, key_file)
+    return ctx

@@ -67,7 +67,7 @@ async def serving(
     cert = None
     if secure:
         key, cert = tls.self_signed()
-        context = h2server.server_ssl_context(key, cert)
+        context = tls.server_context(key, cert)
     server = h2server.H2Server(
         {ECHO: lambda: EchoHandler(rec), BOOM: lambda: EchoHandler(rec, fail=True)},
         max_message=max_message,
@@ -461,7 +461,7 @@ async def test_interrupted_header_block_is_a_protocol_error() -> None:
 
 async def test_ssl_context_offers_h2_only() -> None:
     key, cert = tls.self_signed()
-    ctx = h2server.server_ssl_context(key, cert)
+    ctx = tls.server_context(key, cert)
     server = h2server.H2Server(
         {ECHO: lambda: EchoHandler(Recorder())}, max_message=1 << 20, ssl_context=ctx
     )
