@@ -85,7 +85,7 @@ class ConnectionError_(Exception):
         self.code = code
 
 
-def _frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+def _frame(ftype: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> bytes:
     n = len(payload)
     return (
         bytes((n >> 16 & 0xFF, n >> 8 & 0xFF, n & 0xFF, ftype, flags))
@@ -181,6 +181,7 @@ class H2Connection(asyncio.Protocol):
         self._conn_send_window = 65_535
         self._conn_recv_unacked = 0
         self._out: list[bytes] = []
+        self._blocked: dict[int, _Stream] = {}  # streams with output waiting for window
         self._going_away = False
         self._closed = False
 
@@ -209,23 +210,33 @@ class H2Connection(asyncio.Protocol):
         self._closed = True
         self._server._connections.discard(self)
         streams, self._streams = self._streams, {}
+        self._blocked.clear()
         for st in streams.values():
             self._close_handler(st)
 
     def data_received(self, data: bytes) -> None:
-        buf = self._inbuf
-        buf += data
+        # Frames are sliced straight out of ``data``; only a partial frame left over from
+        # the previous read makes the connection buffer bytes.
+        leftover = self._inbuf
+        if leftover:
+            leftover += data
+            buf: bytes | bytearray = leftover
+        else:
+            buf = data
         try:
             if not self._preface_seen:
                 if len(buf) < len(PREFACE):
                     if not PREFACE.startswith(bytes(buf)):
                         raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                    if buf is data:
+                        leftover += data
                     return
                 if buf[: len(PREFACE)] != PREFACE:
                     raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-                del buf[: len(PREFACE)]
                 self._preface_seen = True
-            pos = 0
+                pos = len(PREFACE)
+            else:
+                pos = 0
             end = len(buf)
             while end - pos >= 9:
                 length = buf[pos] << 16 | buf[pos + 1] << 8 | buf[pos + 2]
@@ -236,13 +247,15 @@ class H2Connection(asyncio.Protocol):
                 ftype = buf[pos + 3]
                 flags = buf[pos + 4]
                 sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                payload = bytes(buf[pos + 9 : pos + 9 + length])
+                payload = buf[pos + 9 : pos + 9 + length]
                 pos += 9 + length
-                self._frame(ftype, flags, sid, payload)
+                self._frame(ftype, flags, sid, bytes(payload) if buf is leftover else payload)
                 if self._closed:
                     return
-            if pos:
-                del buf[:pos]
+            if buf is leftover:
+                del leftover[:pos]
+            elif pos < len(buf):
+                leftover += buf[pos:]
         except ConnectionError_ as exc:
             self._fail(exc.code, str(exc))
         self._flush()
@@ -257,11 +270,12 @@ class H2Connection(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.close()
 
+    def _goaway(self, code: int) -> bytes:
+        return _frame(GOAWAY, 0, 0, self._last_stream.to_bytes(4, "big") + code.to_bytes(4, "big"))
+
     def _fail(self, code: int, why: str) -> None:
         log.warning("closing HTTP/2 connection from the gateway: %s", why)
-        self._out.append(
-            _frame(GOAWAY, 0, 0, self._last_stream.to_bytes(4, "big") + code.to_bytes(4, "big"))
-        )
+        self._out.append(self._goaway(code))
         out, self._out = self._out, []
         if self._transport is not None and not self._closed:
             self._transport.write(b"".join(out))
@@ -273,9 +287,7 @@ class H2Connection(asyncio.Protocol):
         if self._closed or self._going_away:
             return
         self._going_away = True
-        self._out.append(
-            _frame(GOAWAY, 0, 0, self._last_stream.to_bytes(4, "big") + NO_ERROR.to_bytes(4, "big"))
-        )
+        self._out.append(self._goaway(NO_ERROR))
         self._flush()
 
     def abort(self) -> None:
@@ -313,6 +325,7 @@ class H2Connection(asyncio.Protocol):
                 raise ConnectionError_(PROTOCOL_ERROR, "malformed RST_STREAM")
             st = self._streams.pop(sid, None)
             if st is not None:
+                self._blocked.pop(sid, None)
                 self._close_handler(st)
         elif ftype == GOAWAY:
             self._going_away = True
@@ -403,30 +416,44 @@ class H2Connection(asyncio.Protocol):
         if st.recv_unacked >= RECV_WINDOW // 2 and not flags & END_STREAM:
             self._out.append(_frame(WINDOW_UPDATE, 0, sid, st.recv_unacked.to_bytes(4, "big")))
             st.recv_unacked = 0
-        if st.closed_local:
-            buf = None
+        if not st.closed_local:
+            self._messages(st, data)
+        if flags & END_STREAM:
+            self._remote_end(st)
+
+    def _messages(self, st: _Stream, data: bytes) -> None:
+        """Delivers the whole gRPC messages ``data`` completes; keeps a partial one in
+        ``st.buf``. Messages are sliced from ``data`` itself unless one spans frames."""
+        held = st.buf
+        if held:
+            held += data
+            src: bytes | bytearray = held
         else:
-            buf = st.buf
-            buf += data
-        while buf is not None and len(buf) >= 5 and not st.closed_local:
-            size = int.from_bytes(buf[1:5], "big")
-            if buf[0] != 0:
+            src = data
+        pos = 0
+        end = len(src)
+        while end - pos >= 5 and not st.closed_local:
+            size = int.from_bytes(src[pos + 1 : pos + 5], "big")
+            if src[pos] != 0:
                 self._finish(st, GRPC_UNIMPLEMENTED, "compressed messages are not accepted")
-                break
-            if size > self._max_message:
+            elif size > self._max_message:
                 self._finish(
                     st,
                     GRPC_RESOURCE_EXHAUSTED,
                     f"message of {size} bytes is over the limit of {self._max_message}",
                 )
-                break
-            if len(buf) < 5 + size:
-                break
-            message = bytes(buf[5 : 5 + size])
-            del buf[: 5 + size]
-            self._deliver(st, message)
-        if flags & END_STREAM:
-            self._remote_end(st)
+            elif end - pos - 5 >= size:
+                message = src[pos + 5 : pos + 5 + size]
+                pos += 5 + size
+                self._deliver(st, bytes(message) if src is held else message)
+                continue
+            break
+        if st.closed_local:
+            held.clear()
+        elif src is held:
+            del held[:pos]
+        elif pos < end:
+            held += src[pos:]
 
     def _deliver(self, st: _Stream, message: bytes) -> None:
         handler = st.handler
@@ -514,26 +541,29 @@ class H2Connection(asyncio.Protocol):
         rest = self._write_data(st, data)
         if rest:
             st.pending.append((rest, False))
+            self._blocked[st.id] = st
 
     def _write_data(self, st: _Stream, data: bytes) -> bytes:
         """Writes as much of ``data`` as the windows allow; returns what is left."""
-        max_frame = self._peer_max_frame
-        out = self._out
-        sid = st.id
-        while data:
-            room = min(self._conn_send_window, st.send_window, max_frame)
+        if len(data) <= min(self._conn_send_window, st.send_window, self._peer_max_frame):
+            self._out.append(_frame(DATA, 0, st.id, data))  # the usual case: one frame
+            self._conn_send_window -= len(data)
+            st.send_window -= len(data)
+            return b""
+        view = memoryview(data)  # frames are cut from a view: no copy of the remainder
+        pos, end = 0, len(data)
+        while pos < end:
+            room = min(self._conn_send_window, st.send_window, self._peer_max_frame, end - pos)
             if room <= 0:
-                return data
-            piece = data[:room] if len(data) > room else data
-            n = len(piece)
-            out.append(_frame(DATA, 0, sid, piece))
-            self._conn_send_window -= n
-            st.send_window -= n
-            data = data[n:]
+                return data[pos:]
+            self._out.append(_frame(DATA, 0, st.id, view[pos : pos + room]))
+            self._conn_send_window -= room
+            st.send_window -= room
+            pos += room
         return b""
 
     def _drain_pending(self) -> None:
-        for st in list(self._streams.values()):
+        for st in list(self._blocked.values()):
             while st.pending:
                 data, trailers = st.pending[0]
                 if trailers:
@@ -545,8 +575,10 @@ class H2Connection(asyncio.Protocol):
                     st.pending[0] = (rest, False)
                     break
                 st.pending.pop(0)
-            if not st.pending and st.closed_local and st.remote_ended:
-                self._streams.pop(st.id, None)
+            if not st.pending:
+                del self._blocked[st.id]
+                if st.closed_local and st.remote_ended:
+                    self._streams.pop(st.id, None)
 
     def _finish(self, st: _Stream, code: int, message: str) -> None:
         """Send the stream's trailers (trailers-only when no message went out) and close
@@ -572,6 +604,7 @@ class H2Connection(asyncio.Protocol):
     def _reset(self, st: _Stream, code: int) -> None:
         self._out.append(_frame(RST_STREAM, 0, st.id, code.to_bytes(4, "big")))
         self._streams.pop(st.id, None)
+        self._blocked.pop(st.id, None)
         st.closed_local = True
         self._close_handler(st)
 

@@ -443,6 +443,39 @@ async def test_continuation_and_padding_are_understood() -> None:
     assert rec.handlers[0].messages == [b"padded"] and rec.handlers[0].closed == 1
 
 
+async def test_bytes_arriving_one_at_a_time() -> None:
+    """Preface, frames and messages split at every byte boundary still make one echo."""
+    block = hpack.Encoder().encode(
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", ECHO),
+            (":authority", "t"),
+            ("content-type", "application/grpc"),
+        ]
+    )
+    data = _msg(b"one byte at a time")
+    stream = (
+        h2server.PREFACE
+        + _frame(h2server.SETTINGS, 0, 0, b"")
+        + _frame(h2server.HEADERS, h2server.END_HEADERS, 1, block)
+        + _frame(h2server.DATA, h2server.END_STREAM, 1, data)
+    )
+    async with serving() as (server, rec, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for i in range(len(stream)):
+            writer.write(stream[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        got = b""
+        while b"grpc-status" not in got:
+            got += await asyncio.wait_for(reader.read(65536), 5)
+        writer.close()
+    body = b"".join(f[3] for f in _frames(got) if f[0] == h2server.DATA and f[2] == 1)
+    assert body == data
+    assert rec.handlers[0].messages == [b"one byte at a time"]
+
+
 async def test_interrupted_header_block_is_a_protocol_error() -> None:
     enc = hpack.Encoder()
     block = enc.encode([(":method", "POST"), (":path", ECHO)])
