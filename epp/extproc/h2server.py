@@ -125,6 +125,15 @@ def _status_block(code: int, message: str, *, with_headers: bool) -> bytes:
     return block
 
 
+def _continued(held: bytearray, data: bytes) -> bytes | bytearray:
+    """What to parse next: ``data`` itself, or ``held`` with ``data`` appended when a
+    partial unit was held back from before (the caller tells them apart by identity)."""
+    if held:
+        held += data
+        return held
+    return data
+
+
 def _grpc_message(payload: bytes) -> bytes:
     return b"\x00" + len(payload).to_bytes(4, "big") + payload
 
@@ -218,11 +227,7 @@ class H2Connection(asyncio.Protocol):
         # Frames are sliced straight out of ``data``; only a partial frame left over from
         # the previous read makes the connection buffer bytes.
         leftover = self._inbuf
-        if leftover:
-            leftover += data
-            buf: bytes | bytearray = leftover
-        else:
-            buf = data
+        buf = _continued(leftover, data)
         try:
             if not self._preface_seen:
                 if len(buf) < len(PREFACE):
@@ -425,11 +430,7 @@ class H2Connection(asyncio.Protocol):
         """Delivers the whole gRPC messages ``data`` completes; keeps a partial one in
         ``st.buf``. Messages are sliced from ``data`` itself unless one spans frames."""
         held = st.buf
-        if held:
-            held += data
-            src: bytes | bytearray = held
-        else:
-            src = data
+        src = _continued(held, data)
         pos = 0
         end = len(src)
         while end - pos >= 5 and not st.closed_local:
