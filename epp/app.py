@@ -12,7 +12,6 @@ those in flight finish within ``--drain-timeout``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -34,6 +33,7 @@ from epp.pool import Pool
 from epp.scheduling.config import ConfigError, load_scheduler
 from epp.scheduling.load import ActiveLoad
 from epp.scheduling.scheduler import Scheduler
+from epp.tasks import cancel_and_wait
 from epp.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger("epp")
@@ -151,11 +151,7 @@ class EppApp:
         self.draining = True
         if self.server is not None:
             await self.server.stop(grace=min(self.opts.drain_timeout, 5.0))
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         if self.watcher is not None:
             await self.watcher.close()
         if self.scraper is not None:

@@ -26,7 +26,6 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -38,6 +37,7 @@ import yaml
 
 from epp import metrics
 from epp.kvevents.endpoints import offset_endpoint
+from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +231,7 @@ class EndpointsFileWatcher:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def check(self) -> bool:

@@ -25,7 +25,6 @@ index's retired worker bits are swept in bounded steps by a maintenance task. Co
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from epp.kvevents.endpoints import offset_endpoint
 from epp.kvevents.msgpack_codec import decode_batch
 from epp.kvevents.types import EventError
 from epp.kvindex import KvIndex
+from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,7 @@ class KvEventSubscriber:
         tasks = list(self._tasks.values())
         if self._maintenance is not None:
             tasks.append(self._maintenance)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
         self._tasks.clear()
         metrics.KV_EVENT_WORKERS.set(0)
         self._ctx.term()
@@ -175,9 +171,7 @@ class KvEventSubscriber:
         self._sources.pop(worker, None)
         self.index.remove_worker(worker)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
             log.info("unsubscribed from KV events of %s; its blocks left the index", worker)
         metrics.KV_EVENT_WORKERS.set(len(self._tasks))
 
