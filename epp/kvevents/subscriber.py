@@ -298,20 +298,19 @@ class KvEventSubscriber:
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         dealer.connect(source.replay_endpoint)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.replay_timeout
         items: list[tuple[int, bytes]] = []
         try:
-            await dealer.send_multipart(frames.replay_request(start))
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError
-                reply = await asyncio.wait_for(dealer.recv_multipart(), remaining)
-                item = frames.parse_replay(reply)
-                if item.end:
-                    return items
-                items.append((item.seq, item.payload))
+            # One deadline for the whole exchange, the send included (a DEALER blocks on
+            # send while its peer is not connected). asyncio.timeout rather than
+            # wait_for: on Python 3.11, wait_for can swallow a cancellation that lands as
+            # a reply arrives, and remove_worker would then wait for this task forever.
+            async with asyncio.timeout(self.replay_timeout):
+                await dealer.send_multipart(frames.replay_request(start))
+                while True:
+                    item = frames.parse_replay(await dealer.recv_multipart())
+                    if item.end:
+                        return items
+                    items.append((item.seq, item.payload))
         except TimeoutError:
             log.warning(
                 "KV event replay from %s timed out after %.1f s",
