@@ -5,7 +5,9 @@ normalizer, the pre-tokenizer and the model then see each piece between two spec
 on its own. Rendered chat templates put special tokens between messages, so the token ids
 of a conversation are the concatenation of each special token's id and each in-between
 piece's ids — and the pieces repeat: the same system prompt, the same earlier turns. The
-:class:`SegmentEncoder` caches each piece's ids (bounded, least recently used first out).
+:class:`SegmentEncoder` caches each piece's ids: long pieces least recently used first out
+within a character budget, short ones (mostly the template's own text) in a table bounded by
+count.
 
 It is only used where it is exact. :meth:`SegmentEncoder.for_backend` returns None when a
 special token strips whitespace, matches single words or is normalized (its neighbours
@@ -35,6 +37,7 @@ def ids_encoder(backend: tokenizers.Tokenizer) -> IdsEncoder:
         return lambda text, special: backend.encode(text, add_special_tokens=special).ids
     return lambda text, special: fast([text], add_special_tokens=special)[0].ids
 
+
 _PROBES = (
     "plain text, no special token",
     "{0}hello{1} world{0}\n\nagain  with  spaces {1}",
@@ -54,6 +57,7 @@ class SegmentEncoder:
         *,
         max_chars: int = 32 << 20,
         min_cached_chars: int = 256,
+        max_small: int = 4096,
     ) -> None:
         self._backend = backend
         self._encode_ids = ids_encoder(backend)
@@ -65,6 +69,8 @@ class SegmentEncoder:
         self._max_chars = max_chars
         self._min = min_cached_chars
         self._lock = threading.Lock()
+        self._small: dict[str, list[int]] = {}
+        self._max_small = max_small
         self.hits = 0
         self.misses = 0
 
@@ -105,7 +111,17 @@ class SegmentEncoder:
 
     def _piece(self, piece: str) -> list[int]:
         if len(piece) < self._min:
-            return self._encode_ids(piece, False)
+            # Short pieces are mostly the template's own text between special tokens
+            # ("user\n", "\n"), the same in every request: a dict lookup instead of a call
+            # into the tokenizer. Bounded by count; single dict operations need no lock.
+            small = self._small
+            ids = small.get(piece)
+            if ids is None:
+                ids = self._encode_ids(piece, False)
+                if len(small) >= self._max_small:
+                    small.clear()
+                small[piece] = ids
+            return ids
         cache = self._cache
         with self._lock:
             ids = cache.get(piece)

@@ -66,6 +66,36 @@ def test_cache_stays_within_its_character_budget(backend):
     assert sum(len(k) for k in enc._cache) == enc._chars
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(pieces, max_size=12))
+def test_short_pieces_cached_by_count_give_the_same_ids(backend, parts):
+    """Short pieces go to their own count-bounded cache; a tiny bound forces it to be
+    cleared mid-run, and the ids must not change."""
+    enc = SegmentEncoder.for_backend(backend, max_small=3)
+    assert enc is not None
+    text = "".join(parts)
+    expected = backend.encode(text, add_special_tokens=False).ids
+    assert enc.encode(text) == expected
+    assert enc.encode(text) == expected
+    assert len(enc._small) <= 3
+
+
+def test_short_template_pieces_are_tokenized_once(backend):
+    enc = SegmentEncoder.for_backend(backend)
+    assert enc is not None
+    calls: list[str] = []
+    inner = enc._encode_ids
+
+    def counting(text: str, special: bool) -> list[int]:
+        calls.append(text)
+        return inner(text, special)
+
+    enc._encode_ids = counting
+    for user in ("one", "two"):
+        enc.encode(f"<|begin_of_text|>system\n<|eot_id|>{user}<|eot_id|>")
+    assert calls == ["system\n", "one", "two"]
+
+
 def test_not_used_when_a_special_token_strips_whitespace(backend):
     data = json.loads(trained_tokenizer_json())
     for tok in data["added_tokens"]:
