@@ -40,14 +40,17 @@ Ranked = list[tuple[str, float, float | None, int]]
 class DecisionRecord:
     """One routed request.
 
-    The per-candidate detail (:attr:`candidates`, :attr:`prefill_candidates`) is built on
-    first access, from the scheduler's own objects, so that recording a decision costs
-    little; the log line needs only ``ranked``.
+    The ranking (:attr:`ranked`) and the per-candidate detail (:attr:`candidates`,
+    :attr:`prefill_candidates`) are built on first access, from the scheduler's own objects,
+    so that recording a decision nobody reads costs little; the log line needs only
+    ``ranked``.
     """
 
     __slots__ = (
         "_build",
         "_built",
+        "_rank",
+        "_ranked",
         "chosen",
         "destination",
         "elapsed_ms",
@@ -56,7 +59,6 @@ class DecisionRecord:
         "prefill",
         "prompt_blocks",
         "prompt_tokens",
-        "ranked",
         "request_id",
         "time",
     )
@@ -73,7 +75,7 @@ class DecisionRecord:
         prompt_tokens: int,
         prompt_blocks: int,
         elapsed_ms: float,
-        ranked: Ranked,
+        rank: Callable[[], Ranked],
         build: Callable[[], tuple[list[CandidateRecord], list[CandidateRecord]]],
     ) -> None:
         self.request_id = request_id
@@ -85,10 +87,18 @@ class DecisionRecord:
         self.prompt_tokens = prompt_tokens
         self.prompt_blocks = prompt_blocks
         self.elapsed_ms = elapsed_ms
-        self.ranked = ranked
+        self._rank = rank
+        self._ranked: Ranked | None = None
         self.time = time.time()
         self._build = build
         self._built: tuple[list[CandidateRecord], list[CandidateRecord]] | None = None
+
+    @property
+    def ranked(self) -> Ranked:
+        """The decode (or aggregated) stage's candidates, best first."""
+        if self._ranked is None:
+            self._ranked = self._rank()
+        return self._ranked
 
     def _details(self) -> tuple[list[CandidateRecord], list[CandidateRecord]]:
         if self._built is None:

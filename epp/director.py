@@ -31,7 +31,7 @@ from epp import hashing
 from epp import headers as H
 from epp import metrics as M
 from epp.datalayer.scraper import MetricsScraper
-from epp.decisions import CandidateRecord, DecisionLog, DecisionRecord
+from epp.decisions import CandidateRecord, DecisionLog, DecisionRecord, Ranked
 from epp.extproc.stream import RequestInfo, Routed, RoutingError
 from epp.kvindex.index import KvIndex, Overlap
 from epp.openai_request import ParsedRequest, RequestError, parse_request
@@ -422,11 +422,13 @@ class Director:
         if decision.prefill is not None:
             prefill = self._label(decision.prefill.targets[0].worker)
         label = self._label
-        depth = {c.worker: c.overlap.depth for c in candidates}
-        ranked = [
-            (label(s.worker), s.score, s.cost, depth.get(s.worker, 0))
-            for s in sorted(decision.decode.scores, key=lambda s: -s.score)
-        ]
+
+        def rank() -> Ranked:
+            depth = {c.worker: c.overlap.depth for c in candidates}
+            return [
+                (label(s.worker), s.score, s.cost, depth.get(s.worker, 0))
+                for s in sorted(decision.decode.scores, key=lambda s: -s.score)
+            ]
 
         def build() -> tuple[list[CandidateRecord], list[CandidateRecord]]:
             by_worker = {c.worker: c for c in candidates}
@@ -445,7 +447,7 @@ class Director:
             prompt_tokens=req.prompt_tokens,
             prompt_blocks=len(req.block_keys),
             elapsed_ms=round(elapsed, 3),
-            ranked=ranked,
+            rank=rank,
             build=build,
         )
         self.decisions.add(record)
