@@ -789,6 +789,10 @@ class Tokenizer:
 
     # ---- chat ----------------------------------------------------------------------------
 
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of ``token_ids``, as the engine detokenizes its output."""
+        return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
     def render_chat(
         self,
         messages: Sequence[Mapping[str, Any]],
