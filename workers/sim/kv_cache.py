@@ -12,9 +12,11 @@ It behaves like vLLM's block pool as far as anyone outside can tell:
 * ``reset`` empties the prefix cache (``AllBlocksCleared``) only when no block is in use.
 
 One deliberate difference: when a block fills with content another block already caches
-(two requests with the same new prefix in flight at once), it is not cached a second time
-and not announced. vLLM may hold both copies; here the cache's contents and the events
-always agree one to one, which is what subscribers are tested against.
+(two requests with the same new prefix in flight at once), the sequence switches to the
+cached block and frees its own copy, which is neither cached nor announced. vLLM may hold
+both copies; here the cache's contents and the events always agree one to one (what
+subscribers are tested against), and a cached parent can never be evicted while a running
+sequence extends it, so every announced block's parent is in the cache.
 
 Events accumulate in :attr:`KvCache.events` until the engine drains them once per step.
 """
@@ -58,6 +60,7 @@ class KvCache:
         self.events: list[KvEvent] = []
         self.query_tokens = 0
         self.hit_tokens = 0
+        self.evictions = 0
 
     # ------------------------------------------------------------------ views
 
@@ -129,6 +132,7 @@ class KvCache:
             if old is not None:
                 self._digest[bid] = None
                 del self._cached[old]
+                self.evictions += 1
                 self.events.append(
                     BlockRemoved([event_value(old)], medium=self.medium, group_idx=0)
                 )
@@ -151,8 +155,20 @@ class KvCache:
         for i, d in enumerate(new, start):
             seq.digests.append(d)
             bid = seq.blocks[i]
-            if d in self._cached:
-                continue  # the same content is cached in another block already
+            other = self._cached.get(d)
+            if other is not None:
+                # The same content is cached in another block already: hold that one
+                # instead, so that a cached parent can never be evicted under a running
+                # sequence, and free this copy.
+                if self._ref[other] == 0:
+                    del self._free[other]
+                self._ref[other] += 1
+                seq.blocks[i] = other
+                self._ref[bid] -= 1
+                if self._ref[bid] == 0:
+                    self._free[bid] = None
+                    self._free.move_to_end(bid, last=False)
+                continue
             if first is None:
                 first = i
             self._digest[bid] = d
