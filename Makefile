@@ -11,11 +11,16 @@ STAMP  := $(VENV)/.kvpick-installed
 venv: $(STAMP)
 
 # The stamp also follows the C sources, so that editing them rebuilds epp._kvnative.
+# NIXL (KV blocks between simulated engines, host memory over UCX) goes in with --no-deps:
+# nixl-cu12 declares torch and CUDA (~5 GB) that host-memory transfers never load; its real
+# needs (numpy) come with kvpick. The last line fails the build if NIXL cannot be imported.
 $(STAMP): pyproject.toml setup.py $(wildcard epp/native/*.c epp/native/*.h)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "kvpick needs Python >= 3.11")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps 'nixl==1.5.1' 'nixl-cu12==1.5.1'
+	@$(BIN)/python -c 'import sys; from workers.sim.kv_transfer import nixl_available; sys.exit(nixl_available())'
 	@touch $(STAMP)
 
 test: $(STAMP)

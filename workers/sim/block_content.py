@@ -45,11 +45,14 @@ def _mix64(x: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _offsets(nwords: int) -> np.ndarray:
-    # Blocks of one engine all have the same size, so this is computed once per size.
+def _offsets(nrows: int) -> np.ndarray:
+    """The offset term ``k * ODD`` for ``nrows * 8`` words, shaped ``(nrows, 8)`` so one
+    broadcast XOR with the seed row builds a whole block. Blocks of one engine all have the
+    same size, so this is computed once per size."""
     import numpy as np
 
-    out = np.arange(nwords, dtype=np.uint64) * np.uint64(_OFFSET_MUL)
+    out = np.arange(nrows * _SEED_WORDS, dtype="<u8") * np.uint64(_OFFSET_MUL)
+    out = out.reshape(nrows, _SEED_WORDS)
     out.setflags(write=False)
     return out
 
@@ -65,11 +68,11 @@ def block_array(engine_hash: int, nbytes: int) -> np.ndarray:
         [_mix64((h + (j + 1) * _GOLDEN) & _MASK64) for j in range(_SEED_WORDS)],
         dtype="<u8",
     )
-    nwords = -(-nbytes // 8)
-    words = np.resize(seed, nwords)
-    words ^= _offsets(nwords)
-    # Pin the byte order so the bytes are the same on a big-endian host.
-    return words.astype("<u8", copy=False).view(np.uint8)[:nbytes]
+    nrows = -(-nbytes // (8 * _SEED_WORDS))
+    # One pass: the broadcast XOR writes a new array; "<u8" pins the byte order so the
+    # bytes are the same on a big-endian host.
+    words = np.bitwise_xor(_offsets(nrows), seed, dtype="<u8")
+    return words.reshape(-1).view(np.uint8)[:nbytes]
 
 
 def block_content(engine_hash: int, nbytes: int) -> bytes:
