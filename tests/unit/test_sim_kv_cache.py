@@ -15,7 +15,8 @@ BS = 2
 def fill(cache: KvCache, tokens: list[int]) -> SeqKv:
     seq = SeqKv()
     digests = cache.hasher.digests(tokens)
-    hits = cache.admit(seq, digests, (len(tokens) - 1) // BS)
+    hits = cache.match(digests, (len(tokens) - 1) // BS)
+    cache.admit(seq, digests, hits)
     assert cache.grow(seq, len(tokens))
     cache.commit(seq, tokens, len(tokens))
     assert hits == seq.hit_blocks
@@ -79,7 +80,8 @@ def test_duplicate_content_is_cached_once_and_the_copy_freed():
     a, b = SeqKv(), SeqKv()
     tokens = [5, 6, 7, 8]
     for s in (a, b):
-        cache.admit(s, cache.hasher.digests(tokens), 1)
+        digests = cache.hasher.digests(tokens)
+        cache.admit(s, digests, cache.match(digests, 1))
         assert cache.grow(s, 4)
     cache.commit(a, tokens, 4)
     cache.commit(b, tokens, 4)
@@ -105,10 +107,10 @@ def test_random_workload_events_describe_the_cache():
             )
             seq = SeqKv()
             digests = cache.hasher.digests(tokens)
-            max_hit = (len(tokens) - 1) // BS
-            if not cache.can_admit(digests, max_hit, len(tokens)):
+            hits = cache.match(digests, (len(tokens) - 1) // BS)
+            if not cache.can_admit(digests, hits, len(tokens)):
                 continue
-            cache.admit(seq, digests, max_hit)
+            cache.admit(seq, digests, hits)
             assert cache.grow(seq, len(tokens))
             cache.commit(seq, tokens, len(tokens))
             live.append(seq)

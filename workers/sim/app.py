@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from aiohttp import web
@@ -124,7 +123,3 @@ class SimApp:
         for p in self.publishers:
             p.close()
         self.publishers.clear()
-
-    @staticmethod
-    def now() -> float:
-        return time.monotonic()

@@ -9,8 +9,12 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-from workers.sim.options import OptionsError, SimOptions, add_arguments, describe, from_args
+from workers.sim.options import OptionsError, add_arguments, from_args
+
+if TYPE_CHECKING:
+    from workers.sim.app import SimApp
 
 log = logging.getLogger("workers.sim")
 
@@ -46,10 +50,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _main(app: object) -> None:
-    from workers.sim.app import SimApp
-
-    assert isinstance(app, SimApp)
+async def _main(app: SimApp) -> None:
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -61,6 +62,3 @@ async def _main(app: object) -> None:
         log.info("stopping")
         with contextlib.suppress(Exception):
             await app.stop()
-
-
-__all__ = ["SimOptions", "describe", "register"]

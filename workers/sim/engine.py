@@ -96,7 +96,7 @@ class Sequence_:
         return self.finish_reason is not None
 
 
-def request_rng(prompt: Sequence[int], seed: int | None, request_id: str) -> random.Random:
+def request_rng(prompt: Sequence[int], seed: int | None) -> random.Random:
     """The generator of a request's output ids: from ``seed`` when given, else from the
     prompt, so that the same request always gets the same completion."""
     if seed is not None:
@@ -177,7 +177,7 @@ class Engine:
             prompt_len=len(prompt),
             tokens=list(prompt),
             max_tokens=max_tokens,
-            rng=request_rng(prompt, seed, request_id),
+            rng=request_rng(prompt, seed),
             arrival=time.monotonic(),
             hold_blocks=hold_blocks,
         )
@@ -310,12 +310,12 @@ class Engine:
                 break  # its blocks were just taken back; not in the same step
             total = len(seq.tokens)
             max_hit = (total - 1) // bs  # at least one token is always computed
-            hits = min(cache.match(seq.prompt_digests), max_hit)
+            hits = cache.match(seq.prompt_digests, max_hit)
             n = min(total - hits * bs, budget)
-            if not cache.can_admit(seq.prompt_digests, max_hit, hits * bs + n):
+            if not cache.can_admit(seq.prompt_digests, hits, hits * bs + n):
                 break
             self.waiting.popleft()
-            hits = cache.admit(seq.kv, seq.prompt_digests, max_hit)
+            cache.admit(seq.kv, seq.prompt_digests, hits)
             seq.num_computed = hits * bs
             if seq.cached_tokens is None:
                 seq.cached_tokens = hits * bs

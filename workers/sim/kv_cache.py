@@ -81,10 +81,11 @@ class KvCache:
         """The event values of every cached block: what a subscriber's index should hold."""
         return {event_value(d) for d in self._cached}
 
-    def match(self, digests: Sequence[bytes]) -> int:
-        """How many leading blocks of ``digests`` are cached (no side effect)."""
+    def match(self, digests: Sequence[bytes], limit: int | None = None) -> int:
+        """How many leading blocks of ``digests`` are cached, at most ``limit`` (no side
+        effect)."""
         n = 0
-        for d in digests:
+        for d in digests if limit is None else digests[:limit]:
             if d not in self._cached:
                 break
             n += 1
@@ -97,10 +98,9 @@ class KvCache:
 
     # -------------------------------------------------------------- changes
 
-    def admit(self, seq: SeqKv, prompt_digests: Sequence[bytes], max_hit: int) -> int:
-        """Take the cached prefix (at most ``max_hit`` blocks) of a new sequence; returns
-        the number of blocks reused. Counts the prefix-cache query and hits in tokens."""
-        hits = min(self.match(prompt_digests), max_hit)
+    def admit(self, seq: SeqKv, prompt_digests: Sequence[bytes], hits: int) -> None:
+        """Give a new sequence the first ``hits`` blocks of its prompt, which :meth:`match`
+        found cached. Counts the prefix-cache query and hits in tokens."""
         for d in prompt_digests[:hits]:
             bid = self._cached[d]
             if self._ref[bid] == 0:
@@ -111,11 +111,10 @@ class KvCache:
         seq.hit_blocks = hits
         self.query_tokens += len(prompt_digests) * self.block_size
         self.hit_tokens += hits * self.block_size
-        return hits
 
-    def can_admit(self, prompt_digests: Sequence[bytes], max_hit: int, num_tokens: int) -> bool:
-        """Whether a sequence could be admitted now and hold ``num_tokens`` tokens."""
-        hits = min(self.match(prompt_digests), max_hit)
+    def can_admit(self, prompt_digests: Sequence[bytes], hits: int, num_tokens: int) -> bool:
+        """Whether a sequence whose first ``hits`` prompt blocks are cached could be
+        admitted now and hold ``num_tokens`` tokens."""
         revived = sum(1 for d in prompt_digests[:hits] if self._ref[self._cached[d]] == 0)
         need = -(-num_tokens // self.block_size) - hits
         return need <= len(self._free) - revived
@@ -151,7 +150,6 @@ class KvCache:
         parent = seq.digests[-1] if seq.digests else None
         new = self.hasher.digests(token_ids[: full * bs], start, parent)
         stored: list[int] = []
-        first = None
         for i, d in enumerate(new, start):
             seq.digests.append(d)
             bid = seq.blocks[i]
@@ -169,8 +167,6 @@ class KvCache:
                     self._free[bid] = None
                     self._free.move_to_end(bid, last=False)
                 continue
-            if first is None:
-                first = i
             self._digest[bid] = d
             self._cached[d] = bid
             stored.append(i)
