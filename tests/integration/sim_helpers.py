@@ -12,16 +12,20 @@ from collections.abc import AsyncIterator, Callable
 from workers.sim.app import SimApp
 from workers.sim.options import add_arguments, from_args
 
+# A prefill engine's NIXL side channel on any free port, so that tests never collide.
+NIXL_ENV = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1", "VLLM_NIXL_SIDE_CHANNEL_PORT": "0"}
 
-def sim_options(*argv: str):
+
+def sim_options(*argv: str, env: dict[str, str] | None = None):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return from_args(parser.parse_args(["--host", "127.0.0.1", "--port", "0", *argv]), {})
+    args = parser.parse_args(["--host", "127.0.0.1", "--port", "0", *argv])
+    return from_args(args, NIXL_ENV if env is None else env)
 
 
 @contextlib.asynccontextmanager
-async def running_sim(*argv: str) -> AsyncIterator[SimApp]:
-    app = SimApp(sim_options(*argv))
+async def running_sim(*argv: str, env: dict[str, str] | None = None) -> AsyncIterator[SimApp]:
+    app = SimApp(sim_options(*argv, env=env))
     await app.start()
     try:
         yield app

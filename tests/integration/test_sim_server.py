@@ -10,7 +10,6 @@ import sys
 
 import aiohttp
 import openai
-import pytest
 
 from epp.datalayer import engine_metrics, prom_text
 
@@ -135,12 +134,3 @@ async def test_metrics_as_the_epp_reads_them_and_dp_ranks():
             if x.name == "vllm:prefix_cache_queries_total"
         }
         assert hits == {"0": 0.0, "1": 16.0}
-
-
-@pytest.mark.parametrize("role", ["prefill", "decode"])
-async def test_disaggregated_roles_are_refused_until_nixl_is_wired(role):
-    from workers.sim.app import StartupError
-
-    with pytest.raises(StartupError, match="NIXL"):
-        async with running_sim(*FAST, "--role", role):
-            pass

@@ -1,17 +1,20 @@
-"""The simulator process: engines (one per data-parallel rank), their KV event publishers
-and the HTTP server, started and stopped together."""
+"""The simulator process: engines (one per data-parallel rank), their KV event publishers,
+their KV connectors (prefill or decode role) and the HTTP server, started and stopped
+together."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any
 
 from aiohttp import web
 
 from epp.kvevents.publisher import ZmqEventPublisher
 from epp.tasks import cancel_and_wait
-from workers.sim.engine import Engine, EngineConfig
+from workers.sim.engine import Engine, EngineConfig, Sequence_
+from workers.sim.kv_connector import DecodeConnector, PrefillConnector
 from workers.sim.options import SimOptions, describe
 from workers.sim.server import SimServer, bound_port, serve
 
@@ -27,9 +30,12 @@ class SimApp:
         self.opts = opts
         self.engines: list[Engine] = []
         self.publishers: list[ZmqEventPublisher] = []
+        self.prefill: list[PrefillConnector] = []
+        self.decode: list[DecodeConnector] = []
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.engine_id = opts.engine_id or str(uuid.uuid4())
 
     def _publisher(self, rank: int) -> ZmqEventPublisher | None:
         cfg = self.opts.kv_events
@@ -58,12 +64,53 @@ class SimApp:
         except Exception as exc:
             raise StartupError(f"cannot load tokenizer {self.opts.tokenizer!r}: {exc}") from exc
 
+    def _connector(self, engine: Engine, engine_id: str) -> None:
+        """Give ``engine`` its NIXL side for the prefill or decode role."""
+        from workers.sim.kv_transfer import KvConsumer, KvProducer, KvRegion, KvTransferError
+
+        opts = self.opts
+        try:
+            region = KvRegion(opts.num_blocks, opts.kv_block_bytes)
+        except KvTransferError as exc:
+            raise StartupError(f"--role {opts.role}: {exc}") from exc
+        try:
+            if opts.role == "prefill":
+                port = opts.side_channel_port + engine.rank if opts.side_channel_port else 0
+                producer = KvProducer(
+                    region,
+                    engine_id=engine_id,
+                    block_size=opts.block_size,
+                    host=opts.side_channel_host,
+                    port=port,
+                    model_name=opts.names[0],
+                    lease_s=opts.kv_lease_s,
+                )
+                connector = PrefillConnector(engine, region, producer, opts.side_channel_host)
+                connector.start()
+                self.prefill.append(connector)
+            else:
+                consumer = KvConsumer(region, block_size=opts.block_size, model_name=opts.names[0])
+                decode = DecodeConnector(region, consumer)
+                engine.loader = decode
+                self.decode.append(decode)
+        except KvTransferError as exc:
+            region.close()
+            raise StartupError(f"--role {opts.role}: {exc}") from exc
+
+    def _handoff(self, engine: Engine, seq: Sequence_) -> dict[str, Any]:
+        return self.prefill[engine.rank].handoff(seq)
+
     async def start(self) -> None:
         opts = self.opts
         if opts.role != "both":
-            raise StartupError(
-                f"--role {opts.role} needs the NIXL transfer layer, which is not built yet"
-            )
+            from workers.sim.kv_transfer import nixl_available
+
+            missing = nixl_available()
+            if missing is not None:
+                raise StartupError(
+                    f"--role {opts.role} moves KV blocks with NIXL, which is not usable here: "
+                    f"{missing}"
+                )
         tokenizer = self._tokenizer()
         vocab = tokenizer.vocab_size if tokenizer is not None else opts.vocab_size
         try:
@@ -81,19 +128,26 @@ class SimApp:
                     speedup=opts.speedup,
                     hash_algo=opts.hash_algo,  # type: ignore[arg-type]
                     vocab_size=vocab,
+                    load_failure_policy=opts.kv_load_failure_policy,  # type: ignore[arg-type]
                 )
-                self.engines.append(
-                    Engine(
-                        config,
-                        rank=rank,
-                        publish=publisher.publish_events if publisher is not None else None,
-                    )
+                engine = Engine(
+                    config,
+                    rank=rank,
+                    publish=publisher.publish_events if publisher is not None else None,
                 )
+                self.engines.append(engine)
+                if opts.role != "both":
+                    # vLLM names each data-parallel rank's engine apart with a suffix.
+                    suffix = f"_dp{rank}" if opts.dp_size > 1 else ""
+                    self._connector(engine, f"{self.engine_id}{suffix}")
+            transfers = [c.stats for c in (self.prefill or self.decode)] or None
             server = SimServer(
                 self.engines,
                 model_names=opts.names,
                 tokenizer=tokenizer,
                 hash_algo=opts.hash_algo,
+                handoff=self._handoff if self.prefill else None,
+                transfers=transfers,
             )
             try:
                 self.runner = await serve(server, opts.host, opts.port)
@@ -113,6 +167,30 @@ class SimApp:
                 p.endpoint,
                 p.replay_endpoint,
             )
+        for c in self.prefill:
+            log.info(
+                "rank %d is a prefill engine %s: NIXL side channel on %s:%d, %d blocks of %d "
+                "bytes, leases expire after %gs",
+                c.engine.rank,
+                c.producer.engine_id,
+                c.producer.host,
+                c.producer.port,
+                c.region.num_blocks,
+                c.region.block_bytes,
+                c.producer.lease_s,
+            )
+        for engine in self.engines:
+            if engine.loader is not None:
+                log.info(
+                    "rank %d is a decode engine: reads prompt KV over NIXL into %d blocks of %d "
+                    "bytes; a failed load %s",
+                    engine.rank,
+                    opts.num_blocks,
+                    opts.kv_block_bytes,
+                    "recomputes the prompt"
+                    if opts.kv_load_failure_policy == "recompute"
+                    else "fails the request",
+                )
 
     async def stop(self) -> None:
         await cancel_and_wait(*self._tasks)
@@ -120,6 +198,13 @@ class SimApp:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        for c in [*self.prefill, *self.decode]:
+            try:
+                await c.close()
+            except Exception:
+                log.exception("closing a KV connector")
+        self.prefill.clear()
+        self.decode.clear()
         for p in self.publishers:
             p.close()
         self.publishers.clear()

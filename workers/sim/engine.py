@@ -13,9 +13,17 @@ whose every token has KV samples its next token: deterministic pseudo-random ids
 the request. Full blocks are cached and announced as they fill; the step's events go out as
 one batch through the publisher, as vLLM publishes once per scheduler step.
 
+A sequence whose prompt KV lives on a prefill engine (``remote``, decode role) is admitted
+with blocks for its whole prompt but computes nothing: it waits in :attr:`Engine.loading`
+while the engine's :class:`KvLoader` moves the missing blocks, then :meth:`Engine.finish_load`
+either marks every prompt token but the last computed (vLLM recomputes the last one to get
+its logits) or, when the load failed, leaves the sequence to compute its prompt itself
+(vLLM's ``recompute`` load-failure policy) or fails it (``fail``).
+
 Guarantees: a sequence's blocks are released exactly once (finish, abort or preemption), or
 handed to the caller as a lease (``hold_blocks``), which releases them through
-:meth:`Engine.release_lease`.
+:meth:`Engine.release_lease`. Blocks of a sequence aborted while loading are released only
+when its load ends, so a transfer never writes into blocks that were given to another.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import xxhash
 
@@ -48,6 +56,19 @@ class RequestRejected(Exception):
         self.message = message
 
 
+class KvLoader(Protocol):
+    """Moves a decode sequence's prompt KV from the prefill engine (the decode side of the
+    KV connector)."""
+
+    def start_load(self, engine: Engine, seq: Sequence_, local_hits: int) -> None:
+        """Begin loading the prompt blocks after the first ``local_hits`` (which this engine
+        had cached) into ``seq.kv.blocks``; call :meth:`Engine.finish_load` when done,
+        whatever the outcome."""
+
+    def abandon(self, engine: Engine, seq: Sequence_) -> None:
+        """``seq`` ended before its load began: tell the prefill engine to free its lease."""
+
+
 @dataclass(slots=True)
 class EngineConfig:
     num_blocks: int = 2048
@@ -60,6 +81,7 @@ class EngineConfig:
     hash_algo: HashAlgo = "sha256_cbor"
     vocab_size: int = 32000
     token_id_floor: int = 0  # sampled ids are in [token_id_floor, vocab_size)
+    load_failure_policy: Literal["recompute", "fail"] = "recompute"
 
     @property
     def context_limit(self) -> int:
@@ -78,6 +100,7 @@ class Sequence_:
     rng: random.Random
     arrival: float
     hold_blocks: bool = False
+    remote: Any = None  # where the prompt's KV is (decode role) until it is loaded
     kv: SeqKv = field(default_factory=SeqKv)
     prompt_digests: list[bytes] = field(default_factory=list)
     num_computed: int = 0
@@ -85,7 +108,8 @@ class Sequence_:
     first_token_at: float | None = None
     finish_reason: str | None = None
     out: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
-    state: str = "waiting"  # waiting | running | done
+    state: str = "waiting"  # waiting | loading | running | done
+    error: str | None = None  # why the request failed (finish_reason "error")
 
     @property
     def output_ids(self) -> list[int]:
@@ -127,12 +151,15 @@ class Engine:
         *,
         rank: int = 0,
         publish: Callable[[list[KvEvent]], Any] | None = None,
+        loader: KvLoader | None = None,
     ) -> None:
         self.config = config
         self.rank = rank
         self.hasher = BlockHasher(config.block_size, config.hash_algo)
         self.cache = KvCache(config.num_blocks, config.block_size, self.hasher)
         self._publish = publish
+        self.loader = loader
+        self.loading: dict[str, Sequence_] = {}
         self.waiting: deque[Sequence_] = deque()
         self.running: list[Sequence_] = []
         self._by_id: dict[str, Sequence_] = {}
@@ -150,9 +177,14 @@ class Engine:
         *,
         seed: int | None = None,
         hold_blocks: bool = False,
+        remote: Any = None,
     ) -> Sequence_:
-        """Queue a request; raises :class:`RequestRejected` (400 too long, 503 queue full)."""
+        """Queue a request; raises :class:`RequestRejected` (400 too long, 503 queue full).
+        ``remote`` (decode role) says where the prompt's KV is; the engine's loader
+        fetches it."""
         cfg = self.config
+        if remote is not None and self.loader is None:
+            raise RequestRejected(400, "this engine cannot load remote KV (not --role decode)")
         if not prompt:
             raise RequestRejected(400, "the prompt is empty")
         if max_tokens < 1:
@@ -180,6 +212,7 @@ class Engine:
             rng=request_rng(prompt, seed),
             arrival=time.monotonic(),
             hold_blocks=hold_blocks,
+            remote=remote,
         )
         seq.prompt_digests = self.hasher.digests(seq.tokens)
         self.waiting.append(seq)
@@ -196,12 +229,48 @@ class Engine:
             self.running.remove(seq)
         elif seq.state == "waiting":
             self.waiting.remove(seq)
+            if seq.remote is not None and self.loader is not None:
+                self.loader.abandon(self, seq)
+        loading = seq.state == "loading"
         seq.state = "done"
-        self.cache.release(seq.kv)
+        if not loading:  # a load in flight still writes into the blocks; finish_load frees
+            self.cache.release(seq.kv)
         seq.finish_reason = "abort"
         self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
         seq.out.put_nowait(None)
         return True
+
+    def finish_load(self, seq: Sequence_, error: str | None) -> None:
+        """End ``seq``'s remote load: ``error`` None means every block arrived and was
+        verified. Safe to call for a sequence aborted meanwhile (its blocks are freed now)."""
+        self.loading.pop(seq.request_id, None)
+        remote, seq.remote = seq.remote, None
+        if seq.state == "done":
+            self.cache.release(seq.kv)
+            self._wake.set()
+            return
+        if error is None:
+            seq.num_computed = seq.prompt_len - 1
+            self.cache.commit(seq.kv, seq.tokens, seq.num_computed)
+        elif self.config.load_failure_policy == "fail":
+            log.warning("rank %d: request %s failed: KV load from %s: %s",
+                        self.rank, seq.request_id, remote, error)  # fmt: skip
+            self._by_id.pop(seq.request_id, None)
+            seq.state = "done"
+            self.cache.release(seq.kv)
+            seq.finish_reason = "error"
+            seq.error = f"loading the prompt's KV from the prefill engine failed: {error}"
+            self.stats.finished["error"] = self.stats.finished.get("error", 0) + 1
+            seq.out.put_nowait(None)
+            self._wake.set()
+            return
+        else:
+            log.warning("rank %d: request %s recomputes its prompt: KV load from %s: %s",
+                        self.rank, seq.request_id, remote, error)  # fmt: skip
+        seq.cached_tokens = seq.num_computed
+        seq.state = "running"
+        self.running.append(seq)
+        self._wake.set()
 
     def release_lease(self, request_id: str) -> bool:
         """Free the blocks a finished ``hold_blocks`` request kept; False if none held."""
@@ -232,7 +301,7 @@ class Engine:
 
     @property
     def load(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.loading)
 
     # ---------------------------------------------------------------- loop
 
@@ -304,13 +373,29 @@ class Engine:
                 budget -= n
                 prefill_tokens += n
         bs = cfg.block_size
-        while self.waiting and len(self.running) < cfg.max_num_seqs and budget > 0:
+        while (
+            self.waiting and len(self.running) + len(self.loading) < cfg.max_num_seqs and budget > 0
+        ):
             seq = self.waiting[0]
             if id(seq) in preempted:
                 break  # its blocks were just taken back; not in the same step
             total = len(seq.tokens)
             max_hit = (total - 1) // bs  # at least one token is always computed
             hits = cache.match(seq.prompt_digests, max_hit)
+            if seq.remote is not None:
+                # Blocks for the whole prompt, no compute: the loader fills them.
+                if not cache.can_admit(seq.prompt_digests, hits, total):
+                    break
+                self.waiting.popleft()
+                cache.admit(seq.kv, seq.prompt_digests, hits)
+                seq.num_computed = hits * bs
+                grown = cache.grow(seq.kv, total)
+                assert grown, "can_admit promised the blocks"
+                seq.state = "loading"
+                self.loading[seq.request_id] = seq
+                assert self.loader is not None, "submit refuses remote KV without a loader"
+                self.loader.start_load(self, seq, hits)
+                continue
             n = min(total - hits * bs, budget)
             if not cache.can_admit(seq.prompt_digests, hits, hits * bs + n):
                 break

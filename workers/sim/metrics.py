@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,6 +24,13 @@ from prometheus_client.core import (
 if TYPE_CHECKING:
     from workers.sim.engine import Engine
 
+# kvpick's buckets for the NIXL histograms (vLLM's are not part of any contract): a few KiB
+# to 16 GiB, and a sub-millisecond to a multi-second read.
+XFER_BYTES_BUCKETS = tuple(float(1 << k) for k in range(12, 36, 2))
+XFER_SECONDS_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
 # vLLM's TTFT buckets (seconds).
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -30,25 +38,57 @@ TTFT_BUCKETS = (
 )  # fmt: skip
 
 
-class _Ttft:
-    def __init__(self) -> None:
-        self.counts = [0] * (len(TTFT_BUCKETS) + 1)
+class Histogram:
+    """Counts per bucket (upper bounds, inclusive) and the sum, for one series."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
         self.total = 0.0
 
-    def add(self, values: Sequence[float]) -> None:
-        for v in values:
-            self.counts[bisect.bisect_left(TTFT_BUCKETS, v)] += 1
-            self.total += v
+    def add(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def exposition(self) -> list[tuple[str, float]]:
+        """Cumulative ``(le, count)`` pairs as :class:`HistogramMetricFamily` takes them."""
+        out: list[tuple[str, float]] = []
+        cumulative = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            cumulative += n
+            out.append((str(bound), cumulative))
+        out.append(("+Inf", cumulative + self.counts[-1]))
+        return out
+
+
+@dataclass(slots=True)
+class TransferStats:
+    """One rank's NIXL transfers, exposed under vLLM's NIXL metric names."""
+
+    xfer_seconds: Histogram = field(default_factory=lambda: Histogram(XFER_SECONDS_BUCKETS))
+    bytes_transferred: Histogram = field(default_factory=lambda: Histogram(XFER_BYTES_BUCKETS))
+    failed_transfers: int = 0
+    failed_notifications: int = 0
+    expired_leases: int = 0
+    loaded_tokens: int = 0  # prompt tokens that arrived over NIXL, verified
 
 
 class SimCollector:
     """A Prometheus collector over the simulator's engines (one per rank)."""
 
-    def __init__(self, engines: Sequence[Engine], model_name: str, hash_algo: str) -> None:
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        model_name: str,
+        hash_algo: str,
+        transfers: Sequence[TransferStats] | None = None,
+    ) -> None:
+        """``transfers`` (one per engine, prefill or decode role) adds the NIXL metrics."""
         self._engines = engines
         self._model = model_name
         self._algo = hash_algo
-        self._ttft = [_Ttft() for _ in engines]
+        self._ttft = [Histogram(TTFT_BUCKETS) for _ in engines]
+        self._transfers = transfers
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model_name", "engine"]
@@ -100,7 +140,8 @@ class SimCollector:
         for engine, hist in zip(self._engines, self._ttft, strict=True):
             lv = [self._model, str(engine.rank)]
             stats = engine.stats
-            hist.add(stats.ttft)
+            for value in stats.ttft:
+                hist.add(value)
             stats.ttft.clear()
             waiting.add_metric(lv, engine.num_waiting)
             running.add_metric(lv, engine.num_running)
@@ -118,14 +159,47 @@ class SimCollector:
                 [str(cfg.block_size), "True", str(engine.rank), str(cfg.num_blocks), self._algo],
                 1.0,
             )
-            cumulative = 0
-            buckets = []
-            for bound, n in zip((*TTFT_BUCKETS, float("inf")), hist.counts, strict=True):
-                cumulative += n
-                buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-            ttft.add_metric(lv, buckets, hist.total)
+            ttft.add_metric(lv, hist.exposition(), hist.total)
         yield from (waiting, running, usage, queries, hits, prompt, generation, preempt)
         yield from (success, info, ttft)
+        if self._transfers is not None:
+            yield from self._transfer_metrics(labels)
+
+    def _transfer_metrics(self, labels: list[str]) -> Iterator[Metric]:
+        assert self._transfers is not None
+        seconds = HistogramMetricFamily(
+            "vllm:nixl_xfer_time_seconds", "Duration of NIXL KV transfers.", labels=labels
+        )
+        nbytes = HistogramMetricFamily(
+            "vllm:nixl_bytes_transferred", "Bytes per NIXL KV transfer.", labels=labels
+        )
+        failed = CounterMetricFamily(
+            "vllm:nixl_num_failed_transfers",
+            "NIXL KV transfers that failed or delivered unverifiable content.",
+            labels=labels,
+        )
+        failed_notifs = CounterMetricFamily(
+            "vllm:nixl_num_failed_notifications", "NIXL notifications not sent.", labels=labels
+        )
+        expired = CounterMetricFamily(
+            "vllm:nixl_num_kv_expired_reqs",
+            "Prefilled requests whose KV lease expired before a decode engine read it.",
+            labels=labels,
+        )
+        by_source = CounterMetricFamily(
+            "vllm:prompt_tokens_by_source",
+            "Prompt tokens by where their KV came from.",
+            labels=[*labels, "source"],
+        )
+        for engine, t in zip(self._engines, self._transfers, strict=True):
+            lv = [self._model, str(engine.rank)]
+            seconds.add_metric(lv, t.xfer_seconds.exposition(), t.xfer_seconds.total)
+            nbytes.add_metric(lv, t.bytes_transferred.exposition(), t.bytes_transferred.total)
+            failed.add_metric(lv, t.failed_transfers)
+            failed_notifs.add_metric(lv, t.failed_notifications)
+            expired.add_metric(lv, t.expired_leases)
+            by_source.add_metric([*lv, "external_kv_transfer"], t.loaded_tokens)
+        yield from (seconds, nbytes, failed, failed_notifs, expired, by_source)
 
 
 def registry_for(collector: SimCollector) -> CollectorRegistry:

@@ -86,6 +86,9 @@ class SimOptions:
     kv_block_bytes: int = 4096
     side_channel_host: str = "localhost"
     side_channel_port: int = 5600
+    kv_lease_s: float = 480.0
+    kv_load_failure_policy: str = "recompute"
+    engine_id: str | None = None
     vocab_size: int = 32000
 
     @property
@@ -173,6 +176,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=4096,
         help="bytes of simulated KV per block moved over NIXL (default: %(default)s)",
     )
+    a(
+        "--kv-load-failure-policy",
+        choices=("recompute", "fail"),
+        default="recompute",
+        help="decode role: when prompt KV cannot be read from the prefill engine or arrives "
+        "with the wrong content, compute the prompt here ('recompute', vLLM's default) or "
+        "fail the request with 500 ('fail') (default: %(default)s)",
+    )
+    a(
+        "--engine-id",
+        default=None,
+        help="prefill role: the engine id decode engines see in kv_transfer_params, as "
+        "vLLM's kv_transfer_config engine_id; ranks add _dp<rank> (default: a random uuid)",
+    )
     a("--vocab-size", type=int, default=32000, help="ids sampled without a tokenizer")
 
 
@@ -197,8 +214,20 @@ def from_args(args: argparse.Namespace, env: dict[str, str]) -> SimOptions:
         raise OptionsError("--max-model-len must be >= 2")
     events = KvEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None
     port_raw = env.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600")
-    if not port_raw.isdigit():
-        raise OptionsError(f"VLLM_NIXL_SIDE_CHANNEL_PORT must be a port number, got {port_raw!r}")
+    if not port_raw.isdigit() or int(port_raw) + args.dp_size - 1 > 65535:
+        raise OptionsError(
+            f"VLLM_NIXL_SIDE_CHANNEL_PORT must be a port number (0: any free port), and leave "
+            f"room for {args.dp_size} rank(s); got {port_raw!r}"
+        )
+    lease_raw = env.get("VLLM_NIXL_ABORT_REQUEST_TIMEOUT", "480")
+    try:
+        lease_s = float(lease_raw)
+    except ValueError:
+        lease_s = -1.0
+    if not lease_s > 0:
+        raise OptionsError(
+            f"VLLM_NIXL_ABORT_REQUEST_TIMEOUT must be a number of seconds > 0, got {lease_raw!r}"
+        )
     return SimOptions(
         model=args.model,
         served_model_names=list(args.served_model_name),
@@ -220,6 +249,9 @@ def from_args(args: argparse.Namespace, env: dict[str, str]) -> SimOptions:
         kv_block_bytes=args.kv_block_bytes,
         side_channel_host=env.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "localhost"),
         side_channel_port=int(port_raw),
+        kv_lease_s=lease_s,
+        kv_load_failure_policy=args.kv_load_failure_policy,
+        engine_id=args.engine_id,
         vocab_size=args.vocab_size,
     )
 

@@ -10,6 +10,11 @@ forwards them), ``GET /v1/models``, ``GET /health``, ``GET /metrics``,
 With several data-parallel ranks a request goes to the rank named by the
 ``X-data-parallel-rank`` header (as vLLM accepts it), otherwise to the least loaded rank.
 A client that disconnects cancels its request, which frees its blocks.
+
+Disaggregation follows vLLM's NixlConnector protocol: ``kv_transfer_params`` with
+``do_remote_decode`` (prefill role) runs the prompt with one output token, non-streaming, and
+answers with the parameters of the leased blocks; ``do_remote_prefill`` (decode role) loads
+those blocks over NIXL before decoding (see :mod:`workers.sim.kv_connector`).
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from workers.sim.engine import Engine, RequestRejected, Sequence_
-from workers.sim.metrics import SimCollector, exposition, registry_for
+from workers.sim.kv_connector import RemotePrefill
+from workers.sim.metrics import SimCollector, TransferStats, exposition, registry_for
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +88,18 @@ class SimServer:
         model_names: Sequence[str],
         tokenizer: Any = None,
         hash_algo: str = "sha256_cbor",
-        prefill_hook: Any = None,
-        decode_hook: Any = None,
+        handoff: Callable[[Engine, Sequence_], dict[str, Any]] | None = None,
+        transfers: Sequence[TransferStats] | None = None,
     ) -> None:
+        """``handoff`` (prefill role) leases a finished prefill's blocks and returns the
+        ``kv_transfer_params`` for the decode engine; decode-role engines have a loader.
+        ``transfers`` adds the NIXL metrics."""
         self.engines = list(engines)
         self.names = list(model_names)
         self.tokenizer = tokenizer
-        self.collector = SimCollector(self.engines, self.names[0], hash_algo)
+        self.collector = SimCollector(self.engines, self.names[0], hash_algo, transfers)
         self.registry = registry_for(self.collector)
-        self.prefill_hook = prefill_hook
-        self.decode_hook = decode_hook
+        self.handoff = handoff
         self.created = int(time.time())
 
     def app(self) -> web.Application:
@@ -275,32 +283,54 @@ class SimServer:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         transfer = p.kv_transfer_params or {}
         hold = bool(transfer.get("do_remote_decode"))
+        remote = None
+        if hold and transfer.get("do_remote_prefill"):
+            raise ApiError(
+                400, "kv_transfer_params cannot ask for both do_remote_decode and do_remote_prefill"
+            )
         if hold:
-            if self.prefill_hook is None:
+            if self.handoff is None:
                 raise ApiError(400, "kv_transfer_params.do_remote_decode needs --role prefill")
             p.max_tokens = 1
             p.stream = False
-        if transfer.get("do_remote_prefill") and self.decode_hook is None:
-            raise ApiError(400, "kv_transfer_params.do_remote_prefill needs --role decode")
+        elif transfer.get("do_remote_prefill"):
+            if engine.loader is None:
+                raise ApiError(400, "kv_transfer_params.do_remote_prefill needs --role decode")
+            try:
+                remote = RemotePrefill.from_params(
+                    transfer, len(p.prompt), engine.config.block_size
+                )
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from None
         try:
-            seq = engine.submit(request_id, p.prompt, p.max_tokens, seed=p.seed, hold_blocks=hold)
+            seq = engine.submit(
+                request_id, p.prompt, p.max_tokens, seed=p.seed, hold_blocks=hold, remote=remote
+            )
         except RequestRejected as exc:
             raise ApiError(exc.status, exc.message) from None
+        params = None
         try:
             if p.stream:
                 return await self._stream(request, p, engine, seq)
             ids = []
             while (token := await seq.out.get()) is not None:
                 ids.append(token)
-            if seq.finish_reason == "abort":
-                raise ApiError(500, "the request was aborted")
-            params = None
-            if hold:
-                params = self.prefill_hook(engine, seq)
+            self._check_failed(seq)
+            if hold and self.handoff is not None:
+                params = self.handoff(engine, seq)
             return web.json_response(self._full(p, request_id, seq, ids, params))
         finally:
             if not seq.done:
                 engine.abort(request_id)  # the client went away mid-request
+            if hold and params is None:
+                engine.release_lease(request_id)  # no decode engine will ever ask for them
+
+    @staticmethod
+    def _check_failed(seq: Sequence_) -> None:
+        if seq.finish_reason == "abort":
+            raise ApiError(500, "the request was aborted")
+        if seq.finish_reason == "error":
+            raise ApiError(500, seq.error or "the request failed")
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None and ids else ""
@@ -357,6 +387,11 @@ class SimServer:
     async def _stream(
         self, request: web.Request, p: Parsed, engine: Engine, seq: Sequence_
     ) -> web.StreamResponse:
+        # Headers wait for the first token, so that a request failing before it (a failed
+        # KV load under the "fail" policy) still gets a status code that says so.
+        first_token = await seq.out.get()
+        if first_token is None:
+            self._check_failed(seq)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         created = int(time.time())
@@ -384,10 +419,8 @@ class SimServer:
             await resp.write(chunk(first))
         sent = 0
         emitted: list[int] = []
-        while True:
-            token = await seq.out.get()
-            if token is None:
-                break
+        token = first_token
+        while token is not None:
             emitted.append(token)
             full = self._text(emitted)
             delta, sent = full[sent:], len(full)
@@ -404,6 +437,7 @@ class SimServer:
                 if not chat and len(emitted) == 1:
                     choice["prompt_token_ids"] = seq.tokens[: seq.prompt_len]
             await resp.write(chunk(choice))
+            token = await seq.out.get()
         if seq.finish_reason == "abort":
             raise ConnectionResetError("aborted")
         if p.include_usage:
