@@ -42,9 +42,9 @@ def test_same_ids_as_encoding_the_whole_text(backend, parts):
 def test_ids_encoder_equals_encode(backend, parts, special):
     """The offset-free fast path gives exactly ``encode(...).ids``, special tokens or not."""
     text = "".join(parts)
-    assert ids_encoder(backend)(text, special) == backend.encode(
-        text, add_special_tokens=special
-    ).ids
+    assert (
+        ids_encoder(backend)(text, special) == backend.encode(text, add_special_tokens=special).ids
+    )
 
 
 def test_repeated_segments_come_from_the_cache(backend):
