@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import multiprocessing as mp
-import os
 import random
 import signal
 import statistics
@@ -47,6 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.procstat import cpu_seconds as _cpu_seconds
+from bench.procstat import free_port
 
 TARGETS = {
     "added_p50_ms_1k": ("<=", 2.0),
@@ -93,12 +95,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _progress(msg: str) -> None:
     print(f"[bench epp] {msg}", file=sys.stderr, flush=True)
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -469,15 +465,6 @@ async def _latency(
                     raise RuntimeError(f"request failed: {r.status}")
             (via_epp if which == 0 else direct).append((time.perf_counter() - t) * 1000)
     return via_epp, direct
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def run_async(args: argparse.Namespace) -> dict[str, Any]:
