@@ -117,3 +117,20 @@ def test_random_workload_events_describe_the_cache():
         replay(cache.drain_events(), held)
         assert held == cache.cached_hashes()
     assert cache.evictions > 0
+
+
+def test_commit_with_known_digests_matches_hashing_again():
+    rng = random.Random(5)
+    tokens = [rng.randrange(1, 500) for _ in range(23)]
+    hasher = BlockHasher(BS)
+    known = hasher.digests(tokens[:15])  # the "prompt": 7 full blocks known up front
+    plain, reused = KvCache(32, BS, hasher), KvCache(32, BS, hasher)
+    a, b = SeqKv(), SeqKv()
+    for cache, seq in ((plain, a), (reused, b)):
+        assert cache.grow(seq, len(tokens))
+    # In steps, as an engine commits: inside the known part, then past it.
+    for n in (5, 14, 23):
+        plain.commit(a, tokens, n)
+        reused.commit(b, tokens, n, known)
+    assert a.digests == b.digests == hasher.digests(tokens)
+    assert plain.drain_events() == reused.drain_events()

@@ -251,7 +251,7 @@ class Engine:
             return
         if error is None:
             seq.num_computed = seq.prompt_len - 1
-            self.cache.commit(seq.kv, seq.tokens, seq.num_computed)
+            self.cache.commit(seq.kv, seq.tokens, seq.num_computed, seq.prompt_digests)
         elif self.config.load_failure_policy == "fail":
             log.warning("rank %d: request %s failed: KV load from %s: %s",
                         self.rank, seq.request_id, remote, error)  # fmt: skip
@@ -437,7 +437,7 @@ class Engine:
             seq.num_computed += n
             if seq.first_token_at is None:
                 self.stats.prompt_tokens += n
-            self.cache.commit(seq.kv, seq.tokens, seq.num_computed)
+            self.cache.commit(seq.kv, seq.tokens, seq.num_computed, seq.prompt_digests)
             if seq.num_computed < len(seq.tokens):
                 continue
             token = seq.rng.randrange(self.config.token_id_floor, self.config.vocab_size)

@@ -47,15 +47,28 @@ def _cbor_text(text: str) -> bytes:
     return _cbor_head(3, len(raw)) + raw
 
 
+# Encoded token ids, filled as ids are met: a vocabulary's worth at most, and it makes a
+# block's encoding one dict lookup per token instead of a function call.
+_UINTS: dict[int, bytes] = {}
+
+
+def _cbor_uints(token_ids: Sequence[int]) -> list[bytes]:
+    try:
+        return [_UINTS[t] for t in token_ids]
+    except (KeyError, TypeError):
+        pass
+    for t in token_ids:
+        if t not in _UINTS:
+            if not isinstance(t, int) or t < 0:
+                raise ValueError(f"token ids must be non-negative integers, got {t!r}")
+            _UINTS[t] = _cbor_head(0, t)
+    return [_UINTS[t] for t in token_ids]
+
+
 def _cbor_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
     """``[parent, [token ids...], null]`` in canonical CBOR."""
-    parts = [b"\x83", _cbor_head(2, len(parent)), parent, _cbor_head(4, len(token_ids))]
-    for t in token_ids:
-        if t < 0:
-            raise ValueError(f"token ids must be non-negative, got {t}")
-        parts.append(_cbor_head(0, t))
-    parts.append(b"\xf6")
-    return b"".join(parts)
+    head = b"\x83" + _cbor_head(2, len(parent)) + parent + _cbor_head(4, len(token_ids))
+    return b"".join((head, *_cbor_uints(token_ids), b"\xf6"))
 
 
 def _seed() -> str:

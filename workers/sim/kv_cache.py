@@ -139,16 +139,26 @@ class KvCache:
             seq.blocks.append(bid)
         return True
 
-    def commit(self, seq: SeqKv, token_ids: Sequence[int], num_computed: int) -> None:
+    def commit(
+        self,
+        seq: SeqKv,
+        token_ids: Sequence[int],
+        num_computed: int,
+        known: Sequence[bytes] = (),
+    ) -> None:
         """Blocks of ``seq`` that ``num_computed`` computed tokens fill become cached and
-        are announced in one ``BlockStored``."""
+        are announced in one ``BlockStored``. ``known`` may give the digests of the leading
+        blocks of ``token_ids`` (computed at submit), which are then not hashed again."""
         bs = self.block_size
         full = min(num_computed // bs, len(seq.blocks))
         start = len(seq.digests)
         if full <= start:
             return
-        parent = seq.digests[-1] if seq.digests else None
-        new = self.hasher.digests(token_ids[: full * bs], start, parent)
+        new = list(known[start:full])
+        if start + len(new) < full:
+            at = start + len(new)
+            parent = new[-1] if new else (seq.digests[-1] if seq.digests else None)
+            new += self.hasher.digests(token_ids[: full * bs], at, parent)
         stored: list[int] = []
         for i, d in enumerate(new, start):
             seq.digests.append(d)
