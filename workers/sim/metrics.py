@@ -152,7 +152,7 @@ class SimCollector:
             generation.add_metric(lv, stats.generation_tokens)
             preempt.add_metric(lv, stats.preemptions)
             for reason, n in sorted(stats.finished.items()):
-                if reason != "abort":
+                if reason not in ("abort", "error"):  # vLLM counts only successes
                     success.add_metric([*lv, reason], n)
             cfg = engine.config
             info.add_metric(
