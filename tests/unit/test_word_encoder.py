@@ -1,0 +1,154 @@
+"""Word-by-word encoding with a cache gives exactly the library's ids, for the tokenizer
+shapes where it is used, and is declined for the others."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import tokenizers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+
+from bench.tiny_tokenizer import _CORPUS, trained_tokenizer_json
+from epp.token_segments import ids_encoder
+from epp.word_encoder import WordEncoder
+
+# Llama 3's word expression (tokenizer.json of Meta-Llama-3).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIALS = ["<|begin_of_text|>", "<|eot_id|>"]
+
+
+@functools.cache
+def gpt2_style() -> tokenizers.Tokenizer:
+    """The tests' tiny tokenizer: ByteLevel(use_regex=True), added and special tokens."""
+    return tokenizers.Tokenizer.from_str(trained_tokenizer_json())
+
+
+def train(pre: pre_tokenizers.PreTokenizer, normalizer=None, **bpe) -> tokenizers.Tokenizer:
+    tok = tokenizers.Tokenizer(models.BPE(**bpe))
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 2, trainer)
+    return tok
+
+
+@functools.cache
+def llama3_style() -> tokenizers.Tokenizer:
+    return train(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
+        normalizer=normalizers.NFC(),
+    )
+
+
+WORDS = ["the", "The", " cache", "KV", "it's", "we'll", "42", "1234567", "ünï", "文字", "🙂"]
+texts = st.lists(
+    st.one_of(
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+        st.sampled_from(WORDS + SPECIALS + [" ", "  ", "\n", "\r\n", "\t", "'S", "’"]),
+    ),
+    max_size=30,
+).map("".join)
+
+
+@pytest.mark.parametrize("make", [gpt2_style, llama3_style], ids=["bytelevel", "split+bytelevel"])
+@settings(max_examples=300, deadline=None)
+@given(text=texts)
+def test_encoding_equals_the_library(make, text):
+    backend = make()
+    enc = WordEncoder.for_backend(backend)
+    assert enc is not None
+    want = backend.encode(text, add_special_tokens=False).ids
+    assert enc.encode(text) == want
+    assert enc.encode(text) == want  # again, from the cache
+
+
+def test_ids_encoder_uses_words_without_specials_and_the_library_with_them():
+    backend = gpt2_style()
+    encode = ids_encoder(backend)
+    text = "<|begin_of_text|>hello there, it's the KV cache"
+    assert encode(text, False) == backend.encode(text, add_special_tokens=False).ids
+    assert encode(text, True) == backend.encode(text, add_special_tokens=True).ids
+
+
+def test_a_full_cache_is_emptied_and_results_stay_exact():
+    backend = gpt2_style()
+    enc = WordEncoder.for_backend(backend, max_words=4)
+    assert enc is not None
+    text = "one two three four five six seven eight nine ten " * 3
+    assert enc.encode(text) == backend.encode(text, add_special_tokens=False).ids
+    assert len(enc._cache) <= 4
+
+
+def test_known_words_are_not_encoded_again():
+    backend = gpt2_style()
+    enc = WordEncoder.for_backend(backend)
+    assert enc is not None
+    enc.encode("the cache the cache")
+    assert set(enc._cache) == {"the", " cache", " the"}
+    size = len(enc._cache)
+    enc.encode("the cache the cache the")
+    assert len(enc._cache) == size
+
+
+def edited(backend: tokenizers.Tokenizer, **changes) -> tokenizers.Tokenizer:
+    spec = json.loads(backend.to_str())
+    for path, value in changes.items():
+        node = spec
+        *parents, leaf = path.split("__")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"pre_tokenizer__add_prefix_space": True},
+        {"pre_tokenizer__use_regex": False},
+        {"pre_tokenizer": {"type": "Whitespace"}},
+        {"normalizer": {"type": "Lowercase"}},
+        {"model__dropout": 0.5},
+    ],
+    ids=["prefix-space", "no-regex", "whitespace", "lowercase", "dropout"],
+)
+def test_other_shapes_are_declined(change):
+    assert WordEncoder.for_backend(edited(gpt2_style(), **change)) is None
+
+
+def test_a_split_that_removes_or_inverts_is_declined():
+    for behavior in ("removed", "merged_with_previous"):
+        tok = train(
+            pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(r"\s+"), behavior=behavior),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
+        )
+        assert WordEncoder.for_backend(tok) is None
+
+
+def test_an_added_token_with_strip_flags_is_declined():
+    backend = tokenizers.Tokenizer.from_str(gpt2_style().to_str())
+    backend.add_special_tokens([tokenizers.AddedToken("<x>", lstrip=True)])
+    assert WordEncoder.for_backend(backend) is None
