@@ -53,7 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A command that parses its own flags (``epp`` takes the reference EPP's spellings).
         args.passthrough = extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        # Reported by the command that was given them, with its usage, not the root's.
+        leaf = _command_parser(parser, sys.argv[1:] if argv is None else list(argv))
+        hint = getattr(args, "unknown_args_hint", None)
+        leaf.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({hint})" if hint else ""))
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -63,6 +66,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     return int(func(args) or 0)
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``argv`` names, following command names down."""
+    current, rest = parser, argv
+    while True:
+        sub = next((a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None:
+            return current
+        for i, token in enumerate(rest):
+            if token in sub.choices:
+                current, rest = sub.choices[token], rest[i + 1 :]
+                break
+        else:
+            return current
 
 
 if __name__ == "__main__":  # pragma: no cover

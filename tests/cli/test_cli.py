@@ -26,6 +26,18 @@ def test_no_command_prints_help_and_fails():
     assert "usage" in out.stdout
 
 
+def test_an_unknown_flag_is_reported_by_the_command_that_got_it():
+    for argv, prog in (
+        (["worker", "sim", "--nonsense"], "kvpick worker sim"),
+        (["bench", "sim", "--nonsense"], "kvpick bench sim"),
+        (["--nonsense"], "kvpick"),
+    ):
+        out = run(*argv, timeout=60)
+        assert out.returncode == 2
+        assert f"usage: {prog} " in out.stderr
+        assert f"{prog}: error: unrecognized arguments: --nonsense" in out.stderr
+
+
 def test_bench_index_prints_one_json_object_with_its_figures():
     out = run(
         "bench",

@@ -242,6 +242,8 @@ def test_the_dry_run_script_runs_the_same_engine_command(tmp_path: Path) -> None
         (["vllm", "--model", "m", "--role", "prefil"], "invalid choice: 'prefil'"),
         (["vllm", "--model", "m", "--", "--block-size", "32"], "use kvpick's --block-size"),
         (["vllm", "--model", "m", "--nonsense"], "unrecognized arguments: --nonsense"),
+        (["trtllm", "--model", "m", "--nonsense"], "kvpick worker trtllm: error"),
+        (["sglang", "--model", "m", "--nonsense"], "flags go after '--'"),
         (["sglang", "--model", "m", "leftover"], "after '--'"),
     ],
 )  # fmt: skip

@@ -445,7 +445,11 @@ class EngineLauncher:
         )
         add_common_arguments(parser, self.executable_help)
         self.add_arguments(parser)
-        parser.set_defaults(func=self.run)
+        parser.set_defaults(
+            func=self.run,
+            unknown_args_hint=f"the engine's own flags go after '--': "
+            f"kvpick worker {self.name} --model M -- --some-engine-flag",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         prefix = f"kvpick worker {self.name}"
