@@ -26,8 +26,9 @@ import pytest
 from epp.datalayer import prom_text
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from sim_helpers import running_sim, wait_for
+from sim_helpers import running_sim, sim_options, wait_for
 
+from workers.sim.app import SimApp
 from workers.sim.engine_hash import BlockHasher, event_value
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -191,11 +192,17 @@ async def test_a_block_with_wrong_content_is_caught(policy):
         if policy == "fail":
             with pytest.raises(openai.InternalServerError, match="does not match the prompt"):
                 await decode_leg(decode, prompt, params)
+            # Streamed, the failure still comes as a status, before any event.
+            other = list(range(2100, 2121))
+            params2 = await prefill_leg(prefill, other)
+            prefill.prefill[0].region.view(params2["remote_block_ids"][0][0])[0] ^= 0x80
+            with pytest.raises(openai.InternalServerError, match="does not match"):
+                await decode_leg(decode, other, params2, stream=True)
         else:
             reply = await decode_leg(decode, prompt, params)
             assert reply.choices[0].finish_reason == "length"
             assert reply.usage.prompt_tokens_details.cached_tokens == 0  # recomputed here
-        assert decode.decode[0].stats.failed_transfers == 1
+        assert decode.decode[0].stats.failed_transfers == (2 if policy == "fail" else 1)
         assert decode.decode[0].stats.loaded_tokens == 0
         # The read itself happened, so the prefill engine was notified and freed its blocks;
         # the decode engine holds nothing either.
@@ -225,7 +232,15 @@ async def test_unreachable_prefill_engine_means_recompute():
             params = await prefill_leg(prefill, prompt)
         # The prefill engine is gone: the handshake times out and the prompt is recomputed.
         t0 = time.monotonic()
-        reply = await decode_leg(decode, prompt, params)
+        leg = asyncio.create_task(decode_leg(decode, prompt, params))
+        await wait_for(lambda: bool(decode.engines[0].loading), what="the load to start")
+        # While it loads, the request counts as waiting (vLLM's WAITING_FOR_REMOTE_KVS).
+        text = await metrics_text(decode.port)
+        waiting = [
+            s for s in prom_text.parse(text).samples if s.name == "vllm:num_requests_waiting"
+        ]
+        assert [s.value for s in waiting] == [1.0]
+        reply = await leg
         assert time.monotonic() - t0 < 20
         assert reply.usage.prompt_tokens_details.cached_tokens == 0
         assert reply.usage.completion_tokens == 6
@@ -280,6 +295,59 @@ async def test_a_decode_request_abandoned_in_the_queue_frees_the_prefill_lease()
         assert decode.decode[0].stats.failed_notifications == 0
         await hog
         await wait_for(lambda: used_blocks(decode) == 0, what="decode idle")
+
+
+async def test_a_decode_request_refused_at_submit_frees_the_prefill_lease():
+    prompt = list(range(8000, 8011))
+    async with (
+        running_sim(*FAST, "--role", "prefill") as prefill,
+        running_sim(*FAST, "--role", "decode", "--max-waiting", "0") as decode,
+    ):
+        params = await prefill_leg(prefill, prompt)
+        assert used_blocks(prefill) == 3
+        with pytest.raises(openai.APIStatusError) as err:
+            await decode_leg(decode, prompt, params)
+        assert err.value.status_code == 503
+        await wait_for(lambda: used_blocks(prefill) == 0, timeout=5, what="lease release")
+
+
+async def test_engines_hashing_blocks_differently_refuse_each_other(caplog):
+    prompt = list(range(9000, 9013))
+    async with (
+        running_sim(*FAST, "--role", "prefill") as prefill,
+        running_sim(*FAST, "--role", "decode", "--prefix-caching-hash-algo", "sha256") as decode,
+    ):
+        params = await prefill_leg(prefill, prompt)
+        reply = await decode_leg(decode, prompt, params)
+        assert reply.usage.prompt_tokens_details.cached_tokens == 0  # recomputed
+        assert decode.decode[0].stats.failed_transfers == 1
+        assert "incompatible engines" in caplog.text
+        assert "block hash algorithm" in caplog.text
+
+
+async def test_stopping_with_requests_in_flight_is_prompt():
+    async with running_sim(*FAST, "--role", "prefill") as prefill:
+        params = await prefill_leg(prefill, list(range(1, 30)))
+        decode = SimApp(sim_options("--role", "decode", "--block-size", "4", "--speedup", "0.05"))
+        await decode.start()
+        try:
+            legs = [
+                asyncio.create_task(decode_leg(decode, list(range(1, 30)), params, max_tokens=200)),
+                asyncio.create_task(
+                    client(decode).completions.create(
+                        model=MODEL, prompt=list(range(40, 60)), max_tokens=200, stream=True
+                    )
+                ),
+            ]
+            await wait_for(lambda: decode.engines[0].num_running == 2, what="both to run")
+        finally:
+            t0 = time.monotonic()
+            await decode.stop()
+            assert time.monotonic() - t0 < 3
+        results = await asyncio.gather(*legs, return_exceptions=True)
+        assert isinstance(results[0], openai.APIError)  # 500: aborted
+        assert decode.engines[0].load == 0 and used_blocks(decode) == 0
+        await wait_for(lambda: used_blocks(prefill) == 0, what="prefill lease to end")
 
 
 async def test_bad_kv_transfer_params_get_400():

@@ -69,6 +69,8 @@ class SimApp:
         from workers.sim.kv_transfer import KvConsumer, KvProducer, KvRegion, KvTransferError
 
         opts = self.opts
+        # Both engines must derive the same block contents from a prompt.
+        hashing = f"{opts.hash_algo}:{engine.hasher.root.hex()}"
         try:
             region = KvRegion(opts.num_blocks, opts.kv_block_bytes)
         except KvTransferError as exc:
@@ -84,12 +86,18 @@ class SimApp:
                     port=port,
                     model_name=opts.names[0],
                     lease_s=opts.kv_lease_s,
+                    block_hashing=hashing,
                 )
                 connector = PrefillConnector(engine, region, producer, opts.side_channel_host)
                 connector.start()
                 self.prefill.append(connector)
             else:
-                consumer = KvConsumer(region, block_size=opts.block_size, model_name=opts.names[0])
+                consumer = KvConsumer(
+                    region,
+                    block_size=opts.block_size,
+                    model_name=opts.names[0],
+                    block_hashing=hashing,
+                )
                 decode = DecodeConnector(region, consumer)
                 engine.loader = decode
                 self.decode.append(decode)
@@ -193,8 +201,12 @@ class SimApp:
                 )
 
     async def stop(self) -> None:
-        await cancel_and_wait(*self._tasks)
-        self._tasks.clear()
+        """Abort what is in flight (so that handlers answer at once and decode engines tell
+        prefill engines to free their leases), close the server, the connectors, then the
+        engines."""
+        aborted = sum(engine.abort_all() for engine in self.engines)
+        if aborted:
+            log.info("stopping: aborted %d request(s) in flight", aborted)
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -205,6 +217,8 @@ class SimApp:
                 log.exception("closing a KV connector")
         self.prefill.clear()
         self.decode.clear()
+        await cancel_and_wait(*self._tasks)
+        self._tasks.clear()
         for p in self.publishers:
             p.close()
         self.publishers.clear()

@@ -65,8 +65,9 @@ class KvLoader(Protocol):
         had cached) into ``seq.kv.blocks``; call :meth:`Engine.finish_load` when done,
         whatever the outcome."""
 
-    def abandon(self, engine: Engine, seq: Sequence_) -> None:
-        """``seq`` ended before its load began: tell the prefill engine to free its lease."""
+    def abandon(self, remote: Any) -> None:
+        """A request whose KV is at ``remote`` ended before its load began (or was never
+        taken): tell the prefill engine to free its lease now rather than at expiry."""
 
 
 @dataclass(slots=True)
@@ -230,7 +231,7 @@ class Engine:
         elif seq.state == "waiting":
             self.waiting.remove(seq)
             if seq.remote is not None and self.loader is not None:
-                self.loader.abandon(self, seq)
+                self.loader.abandon(seq.remote)
         loading = seq.state == "loading"
         seq.state = "done"
         if not loading:  # a load in flight still writes into the blocks; finish_load frees
@@ -238,7 +239,15 @@ class Engine:
         seq.finish_reason = "abort"
         self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
         seq.out.put_nowait(None)
+        self._wake.set()  # freed blocks or a shorter queue may let a waiting request in
         return True
+
+    def abort_all(self) -> int:
+        """Abort every request the engine holds (at shutdown); returns how many."""
+        ids = list(self._by_id)
+        for request_id in ids:
+            self.abort(request_id)
+        return len(ids)
 
     def finish_load(self, seq: Sequence_, error: str | None) -> None:
         """End ``seq``'s remote load: ``error`` None means every block arrived and was
@@ -293,7 +302,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        # Loading requests count as waiting, as vLLM's WAITING_FOR_REMOTE_KVS do.
+        return len(self.waiting) + len(self.loading)
 
     @property
     def num_running(self) -> int:

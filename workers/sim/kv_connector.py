@@ -78,6 +78,8 @@ class RemotePrefill:
 
         engine_id = need("remote_engine_id", str)
         host = need("remote_host", str)
+        if not host or not host.isascii() or not host.isprintable() or " " in host:
+            raise ValueError(f"kv_transfer_params.remote_host {host!r} is not a host name")
         port = need("remote_port", int)
         if not 0 < port < 65536:
             raise ValueError(f"kv_transfer_params.remote_port {port} is not a port")
@@ -199,23 +201,25 @@ class DecodeConnector:
         self.region = region
         self.consumer = consumer
         self.stats = TransferStats()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._loads: set[asyncio.Task[None]] = set()
+        self._abandons: set[asyncio.Task[None]] = set()
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    @staticmethod
+    def _spawn(tasks: set[asyncio.Task[None]], coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def start_load(self, engine: Engine, seq: Sequence_, local_hits: int) -> None:
-        self._spawn(self._load(engine, seq, local_hits), f"kv-load-{seq.request_id}")
+        self._spawn(self._loads, self._load(engine, seq, local_hits), f"kv-load-{seq.request_id}")
 
-    def abandon(self, engine: Engine, seq: Sequence_) -> None:
-        self._spawn(self._abandon(seq.remote), f"kv-abandon-{seq.request_id}")
+    def abandon(self, remote: RemotePrefill) -> None:
+        self._spawn(self._abandons, self._abandon(remote), f"kv-abandon-{remote.request_id}")
 
     async def _abandon(self, remote: RemotePrefill) -> None:
         try:
             await self.consumer.abort(remote.host, remote.port, remote.engine_id, remote.request_id)
-        except KvTransferError as exc:
+        except Exception as exc:  # any failure: the lease expires on its own
             self.stats.failed_notifications += 1
             log.warning("cannot tell %s to free request %s's blocks (its lease will expire): %s",
                         remote, remote.request_id, exc)  # fmt: skip
@@ -266,9 +270,14 @@ class DecodeConnector:
         engine.finish_load(seq, error)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        """Let pending lease releases go out (for up to a second), cancel loads (their
+        sequences end and free their blocks), then close the NIXL side."""
+        if self._abandons:
+            await asyncio.wait(list(self._abandons), timeout=1.0)
+        tasks = [*self._loads, *self._abandons]
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
+        if tasks:
+            await asyncio.wait(tasks)
         await self.consumer.close()
         self.region.close()

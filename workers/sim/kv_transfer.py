@@ -196,15 +196,17 @@ class HandshakePayload:
     agent_metadata_bytes: bytes
 
 
-def compatibility_hash(model_name: str) -> str:
+def compatibility_hash(model_name: str, block_hashing: str = "") -> str:
     """SHA-256 over what must match for two engines to exchange blocks: the connector
-    version, the transfer mode and the model. Block geometry is checked separately, so that
-    a mismatch there gets its own message."""
+    version, the transfer mode, the model and how block hashes (hence block contents) are
+    computed. Block geometry is checked separately, so that a mismatch there gets its own
+    message."""
     factors = {
         "engine": "kvpick-sim",
         "nixl_connector_version": NIXL_CONNECTOR_VERSION,
         "transfer_mode": "pull",
         "model": model_name,
+        "block_hashing": block_hashing,
     }
     return hashlib.sha256(json.dumps(factors, sort_keys=True).encode()).hexdigest()
 
@@ -388,6 +390,7 @@ class KvProducer:
         port: int = DEFAULT_SIDE_CHANNEL_PORT,
         model_name: str = "",
         lease_s: float = DEFAULT_KV_LEASE_S,
+        block_hashing: str = "",
     ) -> None:
         self.region = region
         self.engine_id = engine_id
@@ -395,6 +398,7 @@ class KvProducer:
         self.host = host
         self.port = port  # replaced by the bound port after start() (useful with port 0)
         self.model_name = model_name
+        self.block_hashing = block_hashing
         self.lease_s = lease_s
         self.stale_notifications = 0  # notifications for requests with no lease (any more)
         self._leases: dict[str, Lease] = {}
@@ -434,7 +438,7 @@ class KvProducer:
         # change while the engine runs.
         inner = msgspec.msgpack.encode(self.handshake_metadata())
         self._payload = msgspec.msgpack.encode(
-            HandshakePayload(compatibility_hash(self.model_name), inner)
+            HandshakePayload(compatibility_hash(self.model_name, self.block_hashing), inner)
         )
         self._ctx = zmq.asyncio.Context()
         sock = self._ctx.socket(zmq.ROUTER)
@@ -627,6 +631,7 @@ class KvConsumer:
         tp_size: int = 1,
         handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
         transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S,
+        block_hashing: str = "",
     ) -> None:
         self.region = region
         self.block_size = block_size
@@ -636,7 +641,7 @@ class KvConsumer:
         self.transfer_timeout_s = transfer_timeout_s
         self.handshakes = 0  # completed handshakes, for tests and metrics
         self._closed = False
-        self._compat = compatibility_hash(model_name)
+        self._compat = compatibility_hash(model_name, block_hashing)
         self._peers: dict[str, _Peer] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._ctx = zmq.asyncio.Context()
@@ -712,7 +717,7 @@ class KvConsumer:
             raise KvTransferError(
                 f"{where}: incompatible engines (compatibility hash "
                 f"{payload.compatibility_hash[:12]}… != {self._compat[:12]}…): "
-                "different model or kvpick version"
+                "different model, block hash algorithm or PYTHONHASHSEED, or kvpick version"
             )
         try:
             meta = msgspec.convert(raw, AgentMetadata)

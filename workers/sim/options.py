@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,9 +225,10 @@ def from_args(args: argparse.Namespace, env: dict[str, str]) -> SimOptions:
         lease_s = float(lease_raw)
     except ValueError:
         lease_s = -1.0
-    if not lease_s > 0:
+    if not (lease_s > 0 and math.isfinite(lease_s)):
         raise OptionsError(
-            f"VLLM_NIXL_ABORT_REQUEST_TIMEOUT must be a number of seconds > 0, got {lease_raw!r}"
+            "VLLM_NIXL_ABORT_REQUEST_TIMEOUT must be a finite number of seconds > 0, "
+            f"got {lease_raw!r}"
         )
     return SimOptions(
         model=args.model,

@@ -307,6 +307,8 @@ class SimServer:
                 request_id, p.prompt, p.max_tokens, seed=p.seed, hold_blocks=hold, remote=remote
             )
         except RequestRejected as exc:
+            if remote is not None and engine.loader is not None:
+                engine.loader.abandon(remote)  # its blocks will never be read
             raise ApiError(exc.status, exc.message) from None
         params = None
         try:
@@ -449,7 +451,11 @@ class SimServer:
 
 async def serve(server: SimServer, host: str, port: int) -> web.AppRunner:
     """Start listening; the caller keeps the runner and calls ``cleanup()`` to stop."""
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+    # Stopping aborts every request first, so handlers end at once; the timeout only bounds
+    # a request that arrives while the server closes.
+    runner = web.AppRunner(
+        server.app(), handler_cancellation=True, access_log=None, shutdown_timeout=5.0
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
