@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pathlib
 import random
@@ -364,6 +365,7 @@ async def test_bad_kv_transfer_params_get_400():
             (decode, dict(params, remote_block_ids=[[1, 2]]), "fills 3 blocks"),
             (decode, dict(params, remote_block_ids=[[1], [2], [3]]), "KV-cache groups"),
             (decode, dict(params, remote_port=70000), "not a port"),
+            (decode, dict(params, remote_host="bad host"), "not a host name"),
             (decode, dict(params, do_remote_decode=True), "both"),
             (decode, {"do_remote_decode": True}, "needs --role prefill"),
             (prefill, params, "needs --role decode"),
@@ -377,6 +379,15 @@ async def test_bad_kv_transfer_params_get_400():
                     max_tokens=2,
                     extra_body={"kv_transfer_params": body},
                 )
+        # A lone surrogate is valid JSON but no host name (the openai client cannot send it).
+        lone = dict(params, remote_host="\ud800")
+        raw = json.dumps({"prompt": prompt, "kv_transfer_params": lone})
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"http://127.0.0.1:{decode.port}/v1/completions", data=raw) as resp,
+        ):
+            assert resp.status == 400
+            assert "not a host name" in (await resp.json())["error"]["message"]
         # The original params still work, and nothing was left held.
         reply = await decode_leg(decode, prompt, params)
         assert reply.usage.prompt_tokens_details.cached_tokens == 8
