@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -793,6 +793,19 @@ class Tokenizer:
         """Text of ``token_ids``, as the engine detokenizes its output."""
         return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_stream(self, *, skip_special_tokens: bool = True) -> Callable[[int], str]:
+        """A detokenizer for output arriving token by token: ``step(id)`` returns the text
+        that token completes ("" while a character is still partial), in constant time per
+        token. This is the library's ``DecodeStream``, which vLLM uses for fast tokenizers;
+        with an older library, :func:`whole_decode_stream` instead."""
+        backend = self._backend
+        try:
+            from tokenizers.decoders import DecodeStream
+        except ImportError:  # tokenizers < 0.21
+            return whole_decode_stream(backend, skip_special_tokens)
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        return lambda token_id: stream.step(backend, token_id) or ""
+
     def render_chat(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -1092,3 +1105,21 @@ def _chat_templates(folder: Path, config: Mapping[str, Any]) -> str | dict[str, 
         if isinstance(data, Mapping) and isinstance(data.get("chat_template"), str):
             return data["chat_template"]
     return None
+
+
+def whole_decode_stream(backend: Any, skip_special_tokens: bool = True) -> Callable[[int], str]:
+    """``step(id)`` like :meth:`Tokenizer.decode_stream`, by decoding the whole output so
+    far at each step (linear per token: for libraries without ``DecodeStream``)."""
+    ids: list[int] = []
+    sent = 0
+
+    def step(token_id: int) -> str:
+        nonlocal sent
+        ids.append(token_id)
+        text = backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        if text.endswith("\ufffd"):
+            return ""  # a character still partial
+        delta, sent = text[sent:], len(text)
+        return delta
+
+    return step

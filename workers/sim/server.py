@@ -334,8 +334,16 @@ class SimServer:
         if seq.finish_reason == "error":
             raise ApiError(500, seq.error or "the request failed")
 
+    def _detokenizer(self) -> Callable[[int], str]:
+        """Text per output token, incrementally, as vLLM detokenizes (without a tokenizer
+        the output has no text)."""
+        if self.tokenizer is None:
+            return lambda _token: ""
+        return self.tokenizer.decode_stream()
+
     def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer is not None and ids else ""
+        step = self._detokenizer()
+        return "".join(step(t) for t in ids)
 
     def _usage(self, seq: Sequence_, completion: int) -> dict[str, Any]:
         return {
@@ -419,13 +427,12 @@ class SimServer:
             if p.return_token_ids:
                 first["prompt_token_ids"] = seq.tokens[: seq.prompt_len]
             await resp.write(chunk(first))
-        sent = 0
+        step = self._detokenizer()
         emitted: list[int] = []
         token = first_token
         while token is not None:
             emitted.append(token)
-            full = self._text(emitted)
-            delta, sent = full[sent:], len(full)
+            delta = step(token)
             done = seq.done and seq.out.qsize() <= 1  # only the end marker left
             choice: dict[str, Any] = {"index": 0, "logprobs": None}
             if chat:
