@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -39,7 +38,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.procstat import cpu_seconds, free_port
+from bench.procstat import cpu_seconds, free_port, stop_process, wait_healthy
 from epp.datalayer import prom_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,28 +142,13 @@ async def _metrics(port: int) -> dict[str, float]:
     return out
 
 
-async def _wait_healthy(port: int, proc: Any) -> None:
-    deadline = time.monotonic() + 60
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            alive = proc.poll() is None if hasattr(proc, "poll") else proc.is_alive()
-            if not alive:
-                raise RuntimeError(f"the server on port {port} exited at start")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"http://127.0.0.1:{port}/health") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"the server on port {port} was not healthy within 60 s")
-
-
 async def _measure_sim(speedup: float, args: argparse.Namespace, seconds: float) -> dict:
     port = free_port()
     argv = [sys.executable, "-m", "workers", "sim", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--speedup", str(speedup), "--num-blocks", "8192", "--block-size", "16"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        await _wait_healthy(port, proc)
+        await wait_healthy(port, proc)
         workload = Workload(args.seed)
         await _drive(port, workload, args.concurrency, min(2.0, seconds))  # warm-up
         before = await _metrics(port)
@@ -173,12 +157,7 @@ async def _measure_sim(speedup: float, args: argparse.Namespace, seconds: float)
         wall, cpu = time.monotonic() - t0, cpu_seconds(proc.pid) - cpu0
         after = await _metrics(port)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -245,7 +224,7 @@ async def _measure_floor(args: argparse.Namespace, seconds: float) -> dict:
     proc = mp.get_context("spawn").Process(target=_floor_server, args=(port,), daemon=True)
     proc.start()
     try:
-        await _wait_healthy(port, proc)
+        await wait_healthy(port, proc)
         workload = Workload(args.seed)
         await _drive(port, workload, args.concurrency, min(2.0, seconds))
         assert proc.pid is not None

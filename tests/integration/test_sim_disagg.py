@@ -15,7 +15,6 @@ import json
 import os
 import pathlib
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import aiohttp
 import openai
 import pytest
 
+from bench.procstat import free_port, stop_process, wait_healthy
 from epp.datalayer import prom_text
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -416,12 +416,6 @@ async def test_data_parallel_prefill_ranks_each_have_a_side_channel():
 # --------------------------------------------------------------------- real processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def sim_process(*argv: str, env: dict[str, str]):
     proc = subprocess.Popen(
@@ -435,26 +429,7 @@ def sim_process(*argv: str, env: dict[str, str]):
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-async def wait_healthy(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"sim exited {proc.returncode}: {proc.stderr.read()}")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"http://127.0.0.1:{port}/health") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"sim on port {port} not healthy in 30 s")
+        stop_process(proc)
 
 
 async def metric(port: int, name: str) -> float:
@@ -471,8 +446,8 @@ async def test_two_sim_worker_processes_complete_disaggregated_chat_requests():
         sim_process("--port", str(p_port), "--role", "prefill", *common, env=env) as p,
         sim_process("--port", str(d_port), "--role", "decode", *common, env=env) as d,
     ):
-        await wait_healthy(p_port, p)
-        await wait_healthy(d_port, d)
+        await wait_healthy(p_port, p, timeout=30)
+        await wait_healthy(d_port, d, timeout=30)
         pc = openai.AsyncOpenAI(
             base_url=f"http://127.0.0.1:{p_port}/v1", api_key="x", max_retries=0
         )
