@@ -32,6 +32,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -146,9 +147,17 @@ async def _measure_sim(speedup: float, args: argparse.Namespace, seconds: float)
     port = free_port()
     argv = [sys.executable, "-m", "workers", "sim", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--speedup", str(speedup), "--num-blocks", "8192", "--block-size", "16"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The sim's log goes to a file: an unread pipe would fill up and stall it.
+    with tempfile.NamedTemporaryFile(
+        prefix="kvpick-bench-sim-", suffix=".log", delete=False
+    ) as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     try:
-        await wait_healthy(port, proc)
+        try:
+            await wait_healthy(port, proc)
+        except RuntimeError as exc:
+            tail = Path(log.name).read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{exc}; its log ({log.name}) ends:\n{tail}") from None
         workload = Workload(args.seed)
         await _drive(port, workload, args.concurrency, min(2.0, seconds))  # warm-up
         before = await _metrics(port)
@@ -158,6 +167,7 @@ async def _measure_sim(speedup: float, args: argparse.Namespace, seconds: float)
         after = await _metrics(port)
     finally:
         stop_process(proc)
+    Path(log.name).unlink(missing_ok=True)
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
