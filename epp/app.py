@@ -104,6 +104,7 @@ class EppApp:
             config=DirectorConfig(
                 block_size=opts.block_size,
                 served_model_names=opts.served_model_names,
+                lora_adapters=opts.lora_adapters,
                 token_data=opts.token_data,
                 fallbacks=opts.fallbacks,
                 subset_filter=not opts.disable_endpoint_subset_filter,

@@ -59,6 +59,9 @@ class DirectorConfig:
 
     block_size: int = hashing.DEFAULT_BLOCK_SIZE
     served_model_names: tuple[str, ...] = ()
+    lora_adapters: tuple[str, ...] = ()
+    """Model names that are LoRA adapters (``--lora-adapter``); adapters the engines report
+    loaded or waiting in their metrics are recognized without being listed."""
     token_data: bool = True
     fallbacks: int = 0
     subset_filter: bool = True
@@ -132,7 +135,9 @@ class Director:
         self.rng = rng or random.Random()
         self.clock = clock
         self.decisions = DecisionLog(config.decision_log_size)
-        self._served = frozenset(config.served_model_names)
+        self._adapters = frozenset(config.lora_adapters)
+        # Adapters are served names too.
+        self._served = frozenset(config.served_model_names) | self._adapters
 
     # ----------------------------------------------------------- candidates
 
@@ -174,7 +179,7 @@ class Director:
                 f"model {model!r} is not served here (served: {', '.join(sorted(self._served))})",
             )
         token_ids = self._tokens(parsed)
-        req = self._scheduling_request(info, parsed, token_ids)
+        req = self._scheduling_request(info, parsed, token_ids, self._lora_name(model, workers))
         matches = self.index.find_matches(req.block_keys) if len(req.block_keys) else None
         candidates = []
         view = self.load.view
@@ -248,8 +253,26 @@ class Director:
             raise RoutingError(400, f"cannot apply the chat template: {exc}") from None
         return None
 
+    def _lora_name(self, model: str, workers: list[tuple[Worker, Any]]) -> str | None:
+        """The LoRA adapter the request runs with: its model name, when that is a configured
+        adapter or one an engine reports running or waiting (vLLM serves an adapter under
+        the name it was loaded with, and announces its blocks with that ``lora_name``)."""
+        if model in self._adapters:
+            return model
+        scraper = self.scraper
+        if scraper is not None and model:
+            for worker, _ep in workers:
+                m = scraper.get(worker)
+                if m is not None and (model in m.running_lora or model in m.waiting_lora):
+                    return model
+        return None
+
     def _scheduling_request(
-        self, info: RequestInfo, parsed: ParsedRequest, token_ids: Sequence[int] | None
+        self,
+        info: RequestInfo,
+        parsed: ParsedRequest,
+        token_ids: Sequence[int] | None,
+        lora_name: str | None = None,
     ) -> SchedulingRequest:
         bs = self.config.block_size
         # The text form of the prompt feeds only the approximate prefix scorer and, without
@@ -258,7 +281,8 @@ class Director:
         if self.config.prefix_text or token_ids is None:
             prefix = _prefix_text(parsed)
         if token_ids is not None:
-            seed = hashing.chain_seed(None, parsed.cache_salt)
+            # The same seed the index gives blocks announced with this lora_name and salt.
+            seed = hashing.chain_seed(lora_name, parsed.cache_salt)
             keys = hashing.block_hashes(token_ids, bs, seed)
             prompt_tokens = len(token_ids)
         else:

@@ -279,6 +279,11 @@ FLAGS: tuple[FlagSpec, ...] = (
          metavar="PATH_OR_ID"),
     _own("served-model-name", "names", "served_model_names", (), G_TOKENS,
          "model name(s) this pool serves; repeatable and comma-separated", metavar="NAME"),
+    _own("lora-adapter", "names", "lora_adapters", (), G_TOKENS,
+         "model name(s) that are LoRA adapters, so that their requests match the KV blocks "
+         "engines announce for that adapter (adapters the engines report in "
+         "vllm:lora_requests_info are recognized without it); repeatable and comma-separated",
+         metavar="NAME"),
     _own("token-data", "bool", "token_data", True, G_TOKENS,
          "put the prompt's token ids in the forwarded body (nvext.token_data)"),
     _own("kv-events-port", "int", "kv_events_port", 5557, G_TOKENS,
@@ -634,6 +639,7 @@ class EppOptions:
     block_size: int = 16
     tokenizer: str | None = None
     served_model_names: tuple[str, ...] = ()
+    lora_adapters: tuple[str, ...] = ()
     token_data: bool = True
     kv_events_port: int = 5557
     kv_replay_port: int | None = None

@@ -359,6 +359,33 @@ def test_unserved_model_is_400() -> None:
     assert "'other'" in err.reason and "m, m2" in err.reason
 
 
+def cache_for_adapter(s: Setup, worker: Worker, tokens: Sequence[int], adapter: str) -> None:
+    """The worker announces blocks it computed for a LoRA adapter (``lora_name`` set)."""
+    full = len(tokens) - len(tokens) % BS
+    tokens = list(tokens[:full])
+    # Engines fold the adapter into their block hashes (vLLM: extra_keys).
+    salt = int.from_bytes(adapter.encode()[:8].ljust(8, b"\0"), "little")
+    hashes = [h ^ salt for h in sequence_hashes(tokens, BS)]
+    s.index.apply(worker, BlockStored(hashes, None, tokens, BS, lora_name=adapter))
+
+
+def test_a_lora_request_matches_its_adapter_blocks_not_the_base_models() -> None:
+    s = Setup(eps(A, B, C), served_model_names=("m",), lora_adapters=("sql-lora",))
+    p = prompt(6 * BS)
+    s.cache((A, 0), p)  # the base model's KV for this prompt
+    cache_for_adapter(s, (B, 0), p, "sql-lora")
+    cache_for_adapter(s, (C, 0), p, "other-lora")
+    lora = s.route({"model": "sql-lora", "prompt": p})  # an adapter is a served name too
+    assert lora.destination == B
+    cached = {c.worker: c.cached_blocks for c in s.director.decisions.recent(1)[0].candidates}
+    assert cached == {A: 0, B: 6, C: 0}
+    s.complete(lora)
+    base = s.route(comp(p))
+    assert base.destination == A
+    cached = {c.worker: c.cached_blocks for c in s.director.decisions.recent(1)[0].candidates}
+    assert cached == {A: 6, B: 0, C: 0}
+
+
 def test_bad_bodies_are_400_and_book_nothing() -> None:
     s = Setup(eps(A))
     for data in (b"{nope", b"[1]", b'{"prompt": "x"}', b'{"model": "m"}'):
