@@ -298,6 +298,22 @@ async def test_a_decode_request_abandoned_in_the_queue_frees_the_prefill_lease()
         await wait_for(lambda: used_blocks(decode) == 0, what="decode idle")
 
 
+async def test_loads_take_no_running_place():
+    # vLLM starts a load only when a running place is free, but the load does not keep it:
+    # with one place, two loads from an unreachable prefill engine run side by side.
+    async with running_sim(*FAST, "--role", "decode", "--max-num-seqs", "1") as decode:
+        async with running_sim(*FAST, "--role", "prefill") as prefill:
+            a, b = list(range(1, 14)), list(range(100, 114))
+            pa, pb = await prefill_leg(prefill, a), await prefill_leg(prefill, b)
+        legs = [asyncio.create_task(decode_leg(decode, a, pa)),
+                asyncio.create_task(decode_leg(decode, b, pb))]  # fmt: skip
+        await wait_for(lambda: len(decode.engines[0].loading) == 2, what="both loads")
+        assert decode.engines[0].num_running == 0 and decode.engines[0].num_waiting == 2
+        replies = await asyncio.gather(*legs)
+        assert [r.usage.prompt_tokens_details.cached_tokens for r in replies] == [0, 0]
+        assert decode.decode[0].stats.failed_transfers == 2
+
+
 async def test_a_decode_request_refused_at_submit_frees_the_prefill_lease():
     prompt = list(range(8000, 8011))
     async with (

@@ -18,7 +18,9 @@ with blocks for its whole prompt but computes nothing: it waits in :attr:`Engine
 while the engine's :class:`KvLoader` moves the missing blocks, then :meth:`Engine.finish_load`
 either marks every prompt token but the last computed (vLLM recomputes the last one to get
 its logits) or, when the load failed, leaves the sequence to compute its prompt itself
-(vLLM's ``recompute`` load-failure policy) or fails it (``fail``).
+(vLLM's ``recompute`` load-failure policy) or fails it (``fail``). A loading sequence holds
+no place among the ``max_num_seqs`` running ones; once loaded it queues again at the head,
+with its blocks, as vLLM reschedules a request whose remote KV has arrived.
 
 Guarantees: a sequence's blocks are released exactly once (finish, abort or preemption), or
 handed to the caller as a lease (``hold_blocks``), which releases them through
@@ -277,8 +279,10 @@ class Engine:
             log.warning("rank %d: request %s recomputes its prompt: KV load from %s: %s",
                         self.rank, seq.request_id, remote, error)  # fmt: skip
         seq.cached_tokens = seq.num_computed
-        seq.state = "running"
-        self.running.append(seq)
+        # Back to the head of the queue, holding its blocks: it runs when there is room,
+        # as vLLM reschedules a request whose remote KV has arrived.
+        seq.state = "waiting"
+        self.waiting.appendleft(seq)
         self._wake.set()
 
     def release_lease(self, request_id: str) -> bool:
@@ -383,13 +387,23 @@ class Engine:
                 budget -= n
                 prefill_tokens += n
         bs = cfg.block_size
-        while (
-            self.waiting and len(self.running) + len(self.loading) < cfg.max_num_seqs and budget > 0
-        ):
+        # Requests loading remote KV hold no place among the running ones (vLLM's
+        # WAITING_FOR_REMOTE_KVS); they queue again when their blocks are in.
+        while self.waiting and len(self.running) < cfg.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             if id(seq) in preempted:
                 break  # its blocks were just taken back; not in the same step
             total = len(seq.tokens)
+            if seq.kv.blocks:
+                # Its KV was loaded (or is to be recomputed) into blocks it already holds.
+                self.waiting.popleft()
+                n = min(total - seq.num_computed, budget)
+                seq.state = "running"
+                self.running.append(seq)
+                plan.append((seq, n))
+                budget -= n
+                prefill_tokens += n
+                continue
             max_hit = (total - 1) // bs  # at least one token is always computed
             hits = cache.match(seq.prompt_digests, max_hit)
             if seq.remote is not None:
