@@ -39,10 +39,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def content_keys(hasher: BlockHasher, prompt: Sequence[int]) -> list[int]:
-    """One content key per block the prompt occupies (see the module docstring)."""
+def content_keys(
+    hasher: BlockHasher, prompt: Sequence[int], known: Sequence[bytes] = ()
+) -> list[int]:
+    """One content key per block the prompt occupies (see the module docstring). ``known``
+    may hold the digests of the prompt's leading full blocks (the engine computed them at
+    submit), which are then not hashed again."""
     bs = hasher.block_size
-    digests = hasher.digests(prompt)
+    full = len(prompt) // bs
+    digests = list(known[:full])
+    if len(digests) < full:
+        digests += hasher.digests(prompt, len(digests), digests[-1] if digests else None)
     keys = [event_value(d) for d in digests]
     rest = len(prompt) - len(digests) * bs
     if rest:
@@ -133,7 +140,7 @@ class PrefillConnector:
         decode engine read them. The engine must hold the blocks (``hold_blocks``)."""
         engine = self.engine
         blocks = engine.lease_blocks(seq.request_id)
-        keys = content_keys(engine.hasher, seq.tokens[: seq.prompt_len])
+        keys = content_keys(engine.hasher, seq.tokens[: seq.prompt_len], seq.prompt_digests)
         if len(blocks) < len(keys):
             raise RuntimeError(
                 f"request {seq.request_id} holds {len(blocks)} blocks for {len(keys)} prompt blocks"
@@ -228,7 +235,7 @@ class DecodeConnector:
         remote: RemotePrefill = seq.remote
         error: str | None = None
         try:
-            keys = content_keys(engine.hasher, seq.tokens[: seq.prompt_len])
+            keys = content_keys(engine.hasher, seq.tokens[: seq.prompt_len], seq.prompt_digests)
             local = seq.kv.blocks[local_hits : len(keys)]
             t0 = time.perf_counter()
             stats = await self.consumer.read_blocks(
