@@ -63,7 +63,10 @@ async def epp_stack(
     gateway: dict[str, Any] | Callable[[list[ModelBackend]], dict[str, Any]] | None = None,
     secure: bool = True,
     backend_kwargs: dict[str, Any] | None = None,
+    extra_endpoints: Sequence[dict[str, Any]] = (),
 ) -> AsyncIterator[Stack]:
+    """``extra_endpoints`` are endpoints-file entries of servers the caller runs (simulated
+    engines, for instance), listed after the started backends."""
     started: list[ModelBackend] = []
     app: EppApp | None = None
     envoy: EnvoyProcess | None = None
@@ -76,6 +79,7 @@ async def epp_stack(
         for i, b in enumerate(started):
             extra = {"role": roles[i]} if roles else {}
             entries.append(b.endpoint_entry(**extra))
+        entries += [dict(e) for e in extra_endpoints]
         endpoints_file = tmp_path / "endpoints.yaml"
         endpoints_file.write_text(yaml.safe_dump({"endpoints": entries}))
         argv = [
@@ -110,7 +114,8 @@ async def epp_stack(
         # The EPP's subscriptions connect asynchronously; wait until every publisher is live
         # so the first requests' events are not lost to ZMQ's slow joiner.
         assert app.subscriber is not None
-        await until(lambda: len(app.subscriber.workers()) == len(started), what="subscriptions")
+        publishers = sum(1 for e in entries if e.get("kv_events"))
+        await until(lambda: len(app.subscriber.workers()) >= publishers, what="subscriptions")
         await asyncio.sleep(0.2)
         yield Stack(app, envoy, started, endpoints_file)
     finally:
