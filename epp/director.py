@@ -36,6 +36,7 @@ from epp.extproc.stream import RequestInfo, Routed, RoutingError
 from epp.kvindex.index import KvIndex, Overlap
 from epp.openai_request import ParsedRequest, RequestError, parse_request
 from epp.pool import AddressFilter, Pool
+from epp.response_usage import Usage
 from epp.scheduling.load import ActiveLoad, Booking
 from epp.scheduling.scheduler import Decision, Scheduler
 from epp.scheduling.types import (
@@ -509,7 +510,7 @@ class Director:
         if exchange.prefill_booking is not None:
             self.load.free(exchange.prefill_booking)
 
-    def finished(self, routed: Routed, outcome: str) -> None:
+    def finished(self, routed: Routed, outcome: str, usage: Usage | None = None) -> None:
         exchange: _Exchange = routed.state
         freed = False
         for booking in exchange.bookings:
@@ -520,6 +521,13 @@ class Director:
             M.RUNNING.labels(exchange.model).dec()
         if outcome != "complete" and exchange.model:
             M.REQUEST_ERRORS.labels(exchange.model, exchange.model, outcome).inc()
-        M.REQUEST_DURATION.labels(exchange.model, exchange.model).observe(
-            self.clock() - exchange.started
-        )
+        duration = self.clock() - exchange.started
+        M.REQUEST_DURATION.labels(exchange.model, exchange.model).observe(duration)
+        if usage is not None and exchange.model:
+            labels = (exchange.model, exchange.model)
+            M.INPUT_TOKENS.labels(*labels).observe(usage.prompt_tokens)
+            M.OUTPUT_TOKENS.labels(*labels).observe(usage.completion_tokens)
+            if usage.cached_tokens is not None:
+                M.PROMPT_CACHED_TOKENS.labels(*labels).observe(usage.cached_tokens)
+            if usage.completion_tokens > 0:
+                M.NTPOT.labels(*labels).observe(duration / usage.completion_tokens)

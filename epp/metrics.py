@@ -70,6 +70,33 @@ REQUEST_DURATION = Histogram(
     ["model_name", "target_model_name"],
     buckets=(0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2, 102.4, 300),
 )
+# kvpick's buckets: the reference's are not part of any contract.
+_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768,
+                  65536, 131072, 262144, 524288, 1048576)  # fmt: skip
+INPUT_TOKENS = Histogram(
+    "inference_objective_input_tokens",
+    "Prompt tokens per request, as the model server's response reported them.",
+    ["model_name", "target_model_name"],
+    buckets=_TOKEN_BUCKETS,
+)
+OUTPUT_TOKENS = Histogram(
+    "inference_objective_output_tokens",
+    "Generated tokens per request, as the model server's response reported them.",
+    ["model_name", "target_model_name"],
+    buckets=_TOKEN_BUCKETS,
+)
+PROMPT_CACHED_TOKENS = Histogram(
+    "inference_objective_prompt_cached_tokens",
+    "Prompt tokens the model server found in its prefix cache, per request.",
+    ["model_name", "target_model_name"],
+    buckets=(0, *_TOKEN_BUCKETS),
+)
+NTPOT = Histogram(
+    "inference_objective_normalized_time_per_output_token_seconds",
+    "Request duration divided by its generated tokens.",
+    ["model_name", "target_model_name"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
+)
 SCHEDULER_E2E = Histogram(
     "inference_extension_scheduler_e2e_duration_seconds",
     "Time the EPP spends deciding one request (parse, tokenize, match, score, book).",

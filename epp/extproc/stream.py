@@ -32,6 +32,7 @@ import msgspec
 
 from epp import headers as H
 from epp.extproc import wire
+from epp.response_usage import Usage, UsageTail
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,9 @@ class Router(Protocol):
         """The first response-body byte arrived (prefill is done)."""
         ...
 
-    def finished(self, routed: Routed, outcome: str) -> None:
-        """The exchange is over: ``complete``, ``error`` or ``aborted``. Called once."""
+    def finished(self, routed: Routed, outcome: str, usage: Usage | None = None) -> None:
+        """The exchange is over: ``complete``, ``error`` or ``aborted``, with the token
+        usage the response reported when it did. Called once."""
         ...
 
 
@@ -153,6 +155,7 @@ class ExtProcStream:
         "_response_status",
         "_routed",
         "_router",
+        "_usage_tail",
     )
 
     def __init__(self, router: Router) -> None:
@@ -169,6 +172,7 @@ class ExtProcStream:
         self._first_byte_seen = False
         self._finished = False
         self._response_status = 0
+        self._usage_tail: UsageTail | None = None
 
     # ------------------------------------------------------------- dispatch
 
@@ -364,6 +368,10 @@ class ExtProcStream:
                     self._router.first_byte(self._routed)
                 except Exception:
                     log.exception("first-byte hook failed")
+        if self._routed is not None and self._response_status < 400 and req.body:
+            if self._usage_tail is None:
+                self._usage_tail = UsageTail()
+            self._usage_tail.feed(req.body)
         if req.end_of_stream:
             self._finish("complete" if self._response_status < 400 else "error")
         if self._response_mode != wire.BODY_FULL_DUPLEX_STREAMED:
@@ -378,7 +386,9 @@ class ExtProcStream:
         self._finished = True
         if self._routed is not None:
             try:
-                self._router.finished(self._routed, outcome)
+                tail, self._usage_tail = self._usage_tail, None
+                usage = tail.usage() if tail is not None and outcome == "complete" else None
+                self._router.finished(self._routed, outcome, usage)
             except Exception:
                 log.exception("completion hook failed")
 

@@ -12,6 +12,7 @@ import random
 import sys
 from collections.abc import AsyncIterator
 
+import aiohttp
 import openai
 import pytest
 
@@ -23,6 +24,7 @@ from epp_stack import epp_stack, until  # noqa: E402
 from sim_helpers import loopback, running_sim  # noqa: E402
 from tiny_tokenizer import build_tiny_model  # noqa: E402
 
+from epp.datalayer import prom_text  # noqa: E402
 from workers.sim.app import SimApp  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -98,6 +100,7 @@ async def test_streamed_chat_through_the_gateway_is_intact(tmp_path):
         entries = [entry(e) for e in engines]
         async with epp_stack(tmp_path, backends=0, extra_endpoints=entries, tokenizer=model) as st:
             client = openai.AsyncOpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+            before = await token_sums(st.app.metrics_port, "tiny")
             messages = [
                 {"role": "system", "content": "You answer briefly. " * 20},
                 {"role": "user", "content": "What is a KV cache?"},
@@ -124,3 +127,31 @@ async def test_streamed_chat_through_the_gateway_is_intact(tmp_path):
             # and the second one found the first one's prefix on the same engine.
             assert whole.choices[0].message.content == text
             assert whole.usage.prompt_tokens_details.cached_tokens > 0
+            # The EPP read both responses' usage (the stream's from its last event); it
+            # finishes an exchange before Envoy passes the last chunk on, so this is settled.
+            after = await token_sums(st.app.metrics_port, "tiny")
+            delta = {k: after[k] - before.get(k, 0.0) for k in after}
+            assert delta["inference_objective_output_tokens_sum"] == 24
+            assert delta["inference_objective_input_tokens_sum"] == 2 * whole.usage.prompt_tokens
+            assert delta["inference_objective_input_tokens_count"] == 2
+            assert (
+                delta["inference_objective_prompt_cached_tokens_sum"]
+                == whole.usage.prompt_tokens_details.cached_tokens
+                + chunks[-1].usage.prompt_tokens_details.cached_tokens
+            )
+            assert delta["inference_objective_normalized_time_per_output_token_seconds_count"] == 2
+
+
+async def token_sums(port: int, model: str) -> dict[str, float]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    return {
+        s.name: s.value
+        for s in prom_text.parse(text).samples
+        if s.name.startswith("inference_objective_")
+        and s.name.endswith(("_sum", "_count"))
+        and s.labels.get("model_name") == model
+    }

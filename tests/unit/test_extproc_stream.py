@@ -12,6 +12,7 @@ import pytest
 
 from epp import headers as H
 from epp.extproc.stream import BODY_CHUNK, ExtProcStream, RequestInfo, Routed, RoutingError
+from epp.response_usage import Usage
 
 FD = pm.ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED
 BUFFERED = pm.ProcessingModeBodySendMode.BUFFERED
@@ -45,8 +46,9 @@ class RecordingRouter:
     def first_byte(self, routed):
         self.calls.append(("first_byte",))
 
-    def finished(self, routed, outcome):
+    def finished(self, routed, outcome, usage=None):
         self.calls.append(("finished", outcome))
+        self.usage = usage
 
 
 def hdrs(pairs, eos=False, response=False, config=None, metadata=None) -> bytes:
@@ -303,3 +305,34 @@ def test_undecodable_message_is_a_400():
     s = ExtProcStream(RecordingRouter())
     out = parse(s.handle(b"\x22\x05ab"))
     assert int(out[0].immediate_response.status.code) == 400
+
+
+@pytest.mark.parametrize(
+    ("status", "chunks", "expected"),
+    [
+        (
+            "200",
+            [
+                b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n',
+                b'data: {"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,'
+                b'"prompt_tokens_details":{"cached_tokens":8}}}\n\ndata: [DONE]\n\n',
+            ],
+            Usage(12, 3, 8),
+        ),
+        ("200", [b'{"choices":[],"usage":', b'{"prompt_tokens":5,"completion_tokens":2}}'],
+         Usage(5, 2)),
+        ("200", [b"data: 1\n\n", b"data: [DONE]\n\n"], None),
+        ("500", [b'{"usage":{"prompt_tokens":5,"completion_tokens":2}}'], None),
+    ],
+    ids=["sse", "json-split", "none", "error-status"],
+)  # fmt: skip
+def test_response_usage_reaches_the_router(status, chunks, expected):
+    router = RecordingRouter()
+    s = ExtProcStream(router)
+    s.handle(hdrs(POST))
+    s.handle(body(b"{}", True))
+    s.handle(hdrs([(":status", status)], response=True))
+    for i, c in enumerate(chunks):
+        s.handle(body(c, i == len(chunks) - 1, response=True))
+    assert router.calls[-1] == ("finished", "complete" if status == "200" else "error")
+    assert router.usage == expected
