@@ -226,13 +226,20 @@ class Director:
 
     def _tokens(self, parsed: ParsedRequest) -> Sequence[int] | None:
         body = parsed.body
+        # vLLM's request field; its default differs by API (true for completions, false
+        # for chat, whose template writes the special tokens itself).
+        special = body.get("add_special_tokens")
+        if special is not None and not isinstance(special, bool):
+            raise RoutingError(400, "'add_special_tokens' must be a boolean")
         try:
             if parsed.api == "completions":
                 prompt = body.get("prompt")
                 if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
                     return prompt
                 if isinstance(prompt, str) and self.tokenizer is not None:
-                    return self.tokenizer.encode_prompt(prompt)
+                    return self.tokenizer.encode_prompt(
+                        prompt, add_special_tokens=True if special is None else special
+                    )
                 return None  # batches of prompts: no single prefix to match
             if self.tokenizer is None:
                 return None
@@ -243,6 +250,7 @@ class Director:
                     add_generation_prompt=bool(body.get("add_generation_prompt", True)),
                     continue_final_message=bool(body.get("continue_final_message", False)),
                     chat_template_kwargs=body.get("chat_template_kwargs"),
+                    add_special_tokens=bool(special),
                 )
             if parsed.api == "responses":
                 return self.tokenizer.encode_responses_input(

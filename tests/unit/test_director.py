@@ -441,6 +441,28 @@ def test_text_prompt_without_a_tokenizer_routes_on_load_only() -> None:
     assert s.idle()
 
 
+def test_add_special_tokens_is_honoured_per_api(tokenizer: Tokenizer) -> None:
+    s = Setup(eps(A), tokenizer=tokenizer)
+    messages = [{"role": "user", "content": "hello there"}]
+
+    def sent(routed: Routed) -> list[int]:
+        assert routed.body is not None
+        return json.loads(routed.body)["nvext"]["token_data"]
+
+    chat = "/v1/chat/completions"
+    plain = s.route({"model": "m", "messages": messages}, path=chat)
+    extra = s.route({"model": "m", "messages": messages, "add_special_tokens": True}, path=chat)
+    assert sent(plain) == tokenizer.encode_chat(messages)
+    assert sent(extra) == tokenizer.encode_chat(messages, add_special_tokens=True)
+    assert sent(extra) != sent(plain)  # the tiny tokenizer adds a BOS
+    text = {"model": "m", "prompt": "once upon a time"}
+    assert sent(s.route(text)) == tokenizer.encode_prompt("once upon a time")
+    bare = s.route({**text, "add_special_tokens": False})
+    assert sent(bare) == tokenizer.encode_prompt("once upon a time", add_special_tokens=False)
+    err = refused(s, {**text, "add_special_tokens": "yes"})
+    assert err.status == 400 and "add_special_tokens" in err.reason
+
+
 def test_chat_is_tokenized_matched_and_sent_as_token_data(tokenizer: Tokenizer) -> None:
     s = Setup(eps(A, B, C), tokenizer=tokenizer)
     messages = [
