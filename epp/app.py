@@ -131,6 +131,8 @@ class EppApp:
                 host=self.host,
                 secure=opts.secure_serving,
                 cert_path=opts.cert_path,
+                cert_reload=opts.enable_cert_reload,
+                cert_reload_interval=opts.cert_reload_interval,
                 max_recv=opts.grpc_max_recv_msg_size or DEFAULT_MAX_MESSAGE,
                 max_send=opts.grpc_max_send_msg_size or DEFAULT_MAX_MESSAGE,
                 health_on_grpc_port=opts.health_checking,

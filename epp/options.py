@@ -199,10 +199,9 @@ FLAGS: tuple[FlagSpec, ...] = (
     _ref("cert-path", "str", "cert_path", None, G_SERVE,
          "directory holding tls.crt and tls.key", metavar="DIR",
          shown="a self-signed certificate made at start"),
-    FlagSpec("enable-cert-reload", "bool",
-             "reload the certificates in --cert-path when they change", G_SERVE,
-             "enable_cert_reload", False,
-             ignored="certificates are read at start; restart the pod to pick up new ones"),
+    _ref("enable-cert-reload", "bool", "enable_cert_reload", False, G_SERVE,
+         "serve new certificates written to --cert-path without a restart (checked every "
+         "--cert-reload-interval seconds; open connections keep theirs)"),
     _ref("health-checking", "bool", "health_checking", False, G_SERVE,
          "also serve gRPC health on the ext_proc port"),
     _ref("grpc-max-recv-msg-size", "size", "grpc_max_recv_msg_size", None, G_SERVE,
@@ -271,6 +270,9 @@ FLAGS: tuple[FlagSpec, ...] = (
     _own("log-level", "choice", "log_level", "INFO", G_LOG,
          "kvpick's log level; on the command line it overrides -v and --zap-log-level",
          choices=("DEBUG", "INFO", "WARNING", "ERROR"), metavar="LEVEL"),
+    _own("cert-reload-interval", "duration", "cert_reload_interval", 2.0, G_SERVE,
+         "how often --enable-cert-reload looks at the certificate files", metavar="SECONDS",
+         lo=0, lo_open=True),
     # --- kvpick: tokens and KV events ---------------------------------------------------------
     _own("block-size", "int", "block_size", 16, G_TOKENS,
          "tokens per KV block; must equal the engines' block size", metavar="N", lo=1),
@@ -595,10 +597,9 @@ class EppOptions:
     ``--log-level`` was not given on the command line. ``ignored`` lists, in the order first
     seen, the canonical names of the accepted-but-ignored flags that were given (for the
     startup log); ``sources`` maps each field set from outside to where its value came from
-    (the flag as typed, or ``env NAME``; see :meth:`source`). ``enable_cert_reload`` is
-    recorded but kvpick does not act on it, so the flag also appears in ``ignored``. The
-    gRPC size limits are None when unset; the server then applies 64 MiB
-    (:attr:`grpc_max_recv_bytes`, :attr:`grpc_max_send_bytes`).
+    (the flag as typed, or ``env NAME``; see :meth:`source`). The gRPC size limits are None
+    when unset; the server then applies 64 MiB (:attr:`grpc_max_recv_bytes`,
+    :attr:`grpc_max_send_bytes`).
     """
 
     # Listeners and TLS.
@@ -608,6 +609,7 @@ class EppOptions:
     secure_serving: bool = True
     cert_path: str | None = None
     enable_cert_reload: bool = False
+    cert_reload_interval: float = 2.0
     health_checking: bool = False
     grpc_max_recv_msg_size: int | None = None
     grpc_max_send_msg_size: int | None = None

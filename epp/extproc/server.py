@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from epp.extproc import h2server, health, tls
+from epp.extproc import cert_watch, h2server, health, tls
 from epp.extproc.stream import ExtProcStream, Router
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class ServerConfig:
     health_on_grpc_port: bool = False
     transport: str = "h2"
     """``h2`` (kvpick's in-loop HTTP/2 server) or ``grpcio`` (grpc.aio)."""
+    cert_reload: bool = False
+    """Serve new certificates written to ``cert_path`` (``--enable-cert-reload``)."""
+    cert_reload_interval: float = cert_watch.DEFAULT_INTERVAL
 
 
 TRANSPORTS = ("h2", "grpcio")
@@ -96,6 +100,7 @@ class ExtProcServer:
         self._is_serving = is_serving
         self._grpc: grpc.aio.Server | h2server.H2Server | None = None
         self._health: grpc.aio.Server | h2server.H2Server | None = None
+        self._watcher: cert_watch.CertWatcher | None = None
         self.grpc_port = config.grpc_port
         self.health_port = config.health_port
 
@@ -121,6 +126,10 @@ class ExtProcServer:
             await self._start_h2(creds)
         else:
             await self._start_grpcio(creds)
+        if self._watcher is not None:
+            self._watcher.start()
+            log.info("watching %s for new certificates every %gs", cfg.cert_path,
+                     self._watcher.interval)  # fmt: skip
         log.info(
             "ext_proc listening on %s:%d (%s, %s); health on :%d",
             cfg.host,
@@ -133,6 +142,9 @@ class ExtProcServer:
     async def _start_h2(self, creds: tuple[bytes, bytes, str] | None) -> None:
         cfg = self.config
         context = tls.server_context(creds[0], creds[1]) if creds is not None else None
+        if context is not None:
+            ctx = context
+            self._watch(lambda key, cert: tls.load_into(ctx, key, cert))
         router = self._router
         handlers: dict[str, h2server.HandlerFactory] = {
             f"/{SERVICE}/Process": lambda: ExtProcStream(router)
@@ -166,9 +178,21 @@ class ExtProcServer:
             server.add_generic_rpc_handlers((health.health_handler(lambda _name: True),))
         address = f"{cfg.host}:{cfg.grpc_port}"
         if creds is not None:
-            port = server.add_secure_port(
-                address, grpc.ssl_server_credentials([(creds[0], creds[1])])
+            # grpc asks the fetcher at each handshake; it hands over a new pair once.
+            pending: list[Any] = []
+
+            def swap(key: bytes, cert: bytes) -> None:
+                tls.server_context(key, cert)  # raises unless the pair is usable
+                pending[:] = [grpc.ssl_server_certificate_configuration([(key, cert)])]
+
+            def fetch() -> Any:
+                return pending.pop() if pending else None
+
+            self._watch(swap)
+            credentials = grpc.dynamic_ssl_server_credentials(
+                grpc.ssl_server_certificate_configuration([(creds[0], creds[1])]), fetch
             )
+            port = server.add_secure_port(address, credentials)
         else:
             port = server.add_insecure_port(address)
         if port == 0:
@@ -184,8 +208,16 @@ class ExtProcServer:
         await hserver.start()
         self._grpc, self._health = server, hserver
 
+    def _watch(self, apply: cert_watch.Apply) -> None:
+        cfg = self.config
+        if cfg.cert_reload and cfg.cert_path:
+            self._watcher = cert_watch.CertWatcher(cfg.cert_path, apply, cfg.cert_reload_interval)
+
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting streams; streams in flight get ``grace`` seconds to finish."""
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
         for server in (self._grpc, self._health):
             if server is not None:
                 await server.stop(grace)

@@ -83,10 +83,16 @@ def server_context(key_pem: bytes, cert_pem: bytes) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["h2"])
+    load_into(ctx, key_pem, cert_pem)
+    return ctx
+
+
+def load_into(ctx: ssl.SSLContext, key_pem: bytes, cert_pem: bytes) -> None:
+    """Make ``ctx`` serve this key and certificate from its next handshake on (connections
+    already open keep theirs). Raises :class:`ssl.SSLError` when they do not match."""
     # load_cert_chain reads only files; these live just long enough to be read.
     with tempfile.TemporaryDirectory() as tmp:
         key_file, cert_file = os.path.join(tmp, "tls.key"), os.path.join(tmp, "tls.crt")
         Path(key_file).write_bytes(key_pem)
         Path(cert_file).write_bytes(cert_pem)
         ctx.load_cert_chain(cert_file, key_file)
-    return ctx

@@ -491,14 +491,12 @@ def test_every_ignored_flag_is_accepted(caplog: pytest.LogCaptureFixture) -> Non
     assert "--kubeconfig" not in expected  # kept for Kubernetes discovery
 
 
-def test_enable_cert_reload_is_recorded_and_reported_as_ignored(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_cert_reload_flags_are_used(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="epp.options")
-    opts = parse("--enable-cert-reload")
-    assert opts.enable_cert_reload is True
-    assert opts.ignored == ("--enable-cert-reload",)
-    assert "certificates are read at start" in ignored_warnings(caplog)[0]
+    opts = parse("--enable-cert-reload", "--cert-reload-interval", "500ms")
+    assert opts.enable_cert_reload is True and opts.cert_reload_interval == 0.5
+    assert opts.ignored == () and not ignored_warnings(caplog)
+    assert parse().cert_reload_interval == 2.0
 
 
 def test_no_warning_without_ignored_flags(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,0 +1,88 @@
+"""``--enable-cert-reload``: serve new certificates from ``--cert-path`` without a restart.
+
+The watcher polls ``tls.crt`` and ``tls.key`` every ``interval`` seconds. It compares what
+``stat`` says after following symlinks (device, inode, size, mtime), so the atomic
+``..data`` symlink swap Kubernetes does for a mounted Secret counts as a change. A change is
+applied only when both files read, parse and match each other. A half-written pair is
+retried at the next poll, and the certificate being served stays in place meanwhile.
+Connections already open keep the certificate they were made with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from epp.extproc import tls
+
+log = logging.getLogger(__name__)
+
+Apply = Callable[[bytes, bytes], None]
+"""Takes ``(key PEM, certificate PEM)`` and starts serving them; raises when it cannot."""
+
+DEFAULT_INTERVAL = 2.0
+
+
+def _fingerprint(directory: Path) -> tuple[tuple[int, int, int, int], ...] | None:
+    out = []
+    for name in ("tls.crt", "tls.key"):
+        try:
+            st = os.stat(directory / name)
+        except OSError:
+            return None
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class CertWatcher:
+    """Polls ``cert_dir`` and calls ``apply`` with each new valid key and certificate."""
+
+    def __init__(self, cert_dir: str | Path, apply: Apply, interval: float = DEFAULT_INTERVAL):
+        if interval <= 0:
+            raise ValueError(f"interval must be > 0, got {interval}")
+        self.directory = Path(cert_dir)
+        self.interval = interval
+        self.reloads = 0  # certificates applied since start, for tests and logs
+        self._apply = apply
+        self._seen = _fingerprint(self.directory)
+        self._refused: tuple[tuple[int, int, int, int], ...] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="cert-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+            self._task = None
+
+    def check(self) -> bool:
+        """Apply the files if they changed and are valid; True when a new pair was applied."""
+        now = _fingerprint(self.directory)
+        if now is None or now == self._seen:
+            return False
+        try:
+            key, cert = tls.load(self.directory)
+            self._apply(key, cert)
+        except Exception as exc:  # mid-update or broken: keep serving the old pair, retry
+            if now != self._refused:  # once per state of the files, not once per poll
+                self._refused = now
+                log.warning("certificates in %s changed but cannot be used (%s); still "
+                            "serving the previous ones", self.directory, exc)  # fmt: skip
+            return False
+        self._seen = now
+        self.reloads += 1
+        log.info("serving the new certificate from %s", self.directory)
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.check()
+            except Exception:
+                log.exception("certificate reload check failed")
