@@ -466,7 +466,16 @@ class H2Connection(asyncio.Protocol):
             log.exception("ext_proc stream %d failed", st.id)
             self._finish(st, GRPC_INTERNAL, "internal error")
             return
+        limit = self._server.max_send
         for reply in replies:
+            if limit is not None and len(reply) > limit:
+                # As grpc does with a message over max_send_message_length.
+                self._finish(
+                    st,
+                    GRPC_RESOURCE_EXHAUSTED,
+                    f"response message of {len(reply)} bytes is over the send limit of {limit}",
+                )
+                return
             self._send_message(st, reply)
 
     def _remote_end(self, st: _Stream) -> None:
@@ -633,9 +642,11 @@ class H2Server:
         *,
         max_message: int,
         ssl_context: ssl.SSLContext | None = None,
+        max_send: int | None = None,
     ) -> None:
         self._handlers = {k.encode(): v for k, v in handlers.items()}
         self._max_message = max_message
+        self.max_send = max_send  # None: no limit on the messages handlers send
         self._ssl = ssl_context
         self._server: asyncio.Server | None = None
         self._connections: set[H2Connection] = set()

@@ -151,7 +151,9 @@ class ExtProcServer:
         }
         if cfg.health_on_grpc_port:
             handlers[f"/{health.SERVICE}/Check"] = lambda: _HealthCall(lambda _name: True)
-        server = h2server.H2Server(handlers, max_message=cfg.max_recv, ssl_context=context)
+        server = h2server.H2Server(
+            handlers, max_message=cfg.max_recv, ssl_context=context, max_send=cfg.max_send
+        )
         is_serving = self._is_serving
         hserver = h2server.H2Server(
             {f"/{health.SERVICE}/Check": lambda: _HealthCall(is_serving)},

@@ -60,7 +60,7 @@ class EchoHandler:
 
 @contextlib.asynccontextmanager
 async def serving(
-    max_message: int = 8 << 20, secure: bool = False
+    max_message: int = 8 << 20, secure: bool = False, max_send: int | None = None
 ) -> AsyncIterator[tuple[h2server.H2Server, Recorder, bytes | None]]:
     rec = Recorder()
     context = None
@@ -72,6 +72,7 @@ async def serving(
         {ECHO: lambda: EchoHandler(rec), BOOM: lambda: EchoHandler(rec, fail=True)},
         max_message=max_message,
         ssl_context=context,
+        max_send=max_send,
     )
     await server.start("127.0.0.1", 0)
     try:
@@ -150,6 +151,28 @@ async def test_message_over_the_limit_is_resource_exhausted_and_connection_survi
         assert "1001" in (err.value.details() or "")
         assert await ch.unary_unary(ECHO)(b"x" * 1000) == b"x" * 1000
     assert [h.closed for h in rec.handlers] == [1, 1]
+
+
+async def test_reply_over_the_send_limit_is_resource_exhausted() -> None:
+    async with (
+        serving(max_message=1 << 20, max_send=1000) as (server, rec, _),
+        _channel(server.port) as ch,
+    ):
+        assert await ch.unary_unary(ECHO)(b"y" * 1000) == b"y" * 1000
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await ch.unary_unary(ECHO)(b"y" * 1001)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1001 bytes is over the send limit of 1000" in (err.value.details() or "")
+        # A stream whose second reply is too big gets the first one, then the status.
+        call = ch.stream_stream(ECHO)()
+        await call.write(b"ok")
+        assert await call.read() == b"ok"
+        await call.write(b"z" * 2000)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await ch.unary_unary(ECHO)(b"after") == b"after"
+    assert all(h.closed == 1 for h in rec.handlers)
 
 
 async def test_failing_handler_is_internal_and_closed_once() -> None:
