@@ -2,17 +2,17 @@
 
 OpenAI-style servers put ``usage`` at the end of what they send: the last field but a few of
 a JSON response, and the last ``data:`` event before ``[DONE]`` of a stream (vLLM sends it
-only with ``stream_options.include_usage``). So :class:`UsageTail` keeps the last
-:data:`TAIL_BYTES` of a response body as it passes, and at the end parses the last
-``"usage": {...}`` object found there:
+only with ``stream_options.include_usage``). So :class:`UsageTail` keeps, as the body
+passes, only what follows the last ``"usage"`` key (at most :data:`TAIL_BYTES`), and at the
+end parses the object there:
 
 * Chat and completions: ``prompt_tokens``, ``completion_tokens`` and
   ``prompt_tokens_details.cached_tokens``.
 * Responses API: ``input_tokens``, ``output_tokens`` and
   ``input_tokens_details.cached_tokens`` (the ``response.completed`` event carries them).
 
-A response whose usage lies further from its end than the tail reaches (very large
-``prompt_logprobs`` after it, say), or that has none, yields None; nothing else is lost.
+A response without usage, or whose last ``"usage"`` key is not followed by an object (a
+``null`` in a stream's last event, say), yields None; nothing else is lost.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 TAIL_BYTES = 16 * 1024
 
+_KEY = b'"usage"'
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
 _DECODER = json.JSONDecoder()
 
@@ -35,32 +36,40 @@ class Usage:
 
 
 class UsageTail:
-    """The bounded tail of one response body (see the module docstring)."""
+    """What a response body says from its last ``"usage"`` key on (see the module
+    docstring). Holds at most :data:`TAIL_BYTES` plus a few bytes however long the body,
+    copies nothing of chunks without the key, and finds a key split across chunks."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_edge")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = b""  # from the last "usage" key seen, at most TAIL_BYTES
+        self._edge = b""  # the last bytes of the body, for a key cut in two
 
     def feed(self, chunk: bytes) -> None:
-        buf = self._buf
-        buf += chunk
-        if len(buf) > 2 * TAIL_BYTES:  # trim now and then, not on every chunk
-            del buf[:-TAIL_BYTES]
+        edge = self._edge
+        i = chunk.rfind(_KEY)
+        if i >= 0:
+            self._buf = chunk[i : i + TAIL_BYTES]
+        else:
+            j = (edge + chunk[: len(_KEY) - 1]).find(_KEY)
+            if j >= 0:
+                self._buf = edge[j:] + chunk[: TAIL_BYTES - (len(edge) - j)]
+            elif self._buf and len(self._buf) < TAIL_BYTES:
+                self._buf += chunk[: TAIL_BYTES - len(self._buf)]
+        keep = len(_KEY) - 1
+        self._edge = chunk[-keep:] if len(chunk) >= keep else (edge + chunk)[-keep:]
 
     def usage(self) -> Usage | None:
-        """The last complete usage object in the tail, or None."""
-        data = bytes(self._buf[-TAIL_BYTES:])
-        for m in reversed(list(_USAGE_KEY.finditer(data))):
-            start = m.end() - 1
-            try:
-                obj, _end = _DECODER.raw_decode(data[start:].decode("utf-8", "replace"))
-            except ValueError:
-                continue  # cut by the tail's start, or not JSON after all
-            usage = parse_usage(obj)
-            if usage is not None:
-                return usage
-        return None
+        """The usage object after the last key, or None."""
+        m = _USAGE_KEY.match(self._buf)
+        if m is None:
+            return None
+        try:
+            obj, _end = _DECODER.raw_decode(self._buf[m.end() - 1 :].decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            return None  # cut by the tail's end, not JSON after all, or nested absurdly
+        return parse_usage(obj)
 
 
 def _count(value: object) -> int | None:

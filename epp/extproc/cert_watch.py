@@ -26,7 +26,12 @@ Apply = Callable[[bytes, bytes], None]
 DEFAULT_INTERVAL = 2.0
 
 
-def _fingerprint(directory: Path) -> tuple[tuple[int, int, int, int], ...] | None:
+Fingerprint = tuple[tuple[int, int, int, int], ...]
+
+
+def fingerprint(directory: str | Path) -> Fingerprint | None:
+    """What ``stat`` says of the pair (after following symlinks); None if one is missing."""
+    directory = Path(directory)
     out = []
     for name in ("tls.crt", "tls.key"):
         try:
@@ -40,15 +45,24 @@ def _fingerprint(directory: Path) -> tuple[tuple[int, int, int, int], ...] | Non
 class CertWatcher:
     """Polls ``cert_dir`` and calls ``apply`` with each new valid key and certificate."""
 
-    def __init__(self, cert_dir: str | Path, apply: Apply, interval: float = DEFAULT_INTERVAL):
+    def __init__(
+        self,
+        cert_dir: str | Path,
+        apply: Apply,
+        interval: float = DEFAULT_INTERVAL,
+        *,
+        seen: Fingerprint | None = None,
+    ) -> None:
+        """``seen``: the fingerprint taken before the pair being served was read (so that a
+        change during that read is not missed); by default, the files as they are now."""
         if interval <= 0:
             raise ValueError(f"interval must be > 0, got {interval}")
         self.directory = Path(cert_dir)
         self.interval = interval
         self.reloads = 0  # certificates applied since start, for tests and logs
         self._apply = apply
-        self._seen = _fingerprint(self.directory)
-        self._refused: tuple[tuple[int, int, int, int], ...] | None = None
+        self._seen = seen if seen is not None else fingerprint(self.directory)
+        self._refused: Fingerprint | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -62,17 +76,19 @@ class CertWatcher:
 
     def check(self) -> bool:
         """Apply the files if they changed and are valid; True when a new pair was applied."""
-        now = _fingerprint(self.directory)
-        if now is None or now == self._seen:
+        # Taken before reading, so that a change made while the files are read shows as a
+        # new fingerprint at the next poll.
+        now = fingerprint(self.directory)
+        if now is None or now == self._seen or now == self._refused:
             return False
         try:
             key, cert = tls.load(self.directory)
             self._apply(key, cert)
-        except Exception as exc:  # mid-update or broken: keep serving the old pair, retry
-            if now != self._refused:  # once per state of the files, not once per poll
-                self._refused = now
-                log.warning("certificates in %s changed but cannot be used (%s); still "
-                            "serving the previous ones", self.directory, exc)  # fmt: skip
+        except Exception as exc:  # mid-update or broken: keep serving the old pair
+            # Said once per state of the files; the next change is tried afresh.
+            self._refused = now
+            log.warning("certificates in %s changed but cannot be used (%s); still "
+                        "serving the previous ones", self.directory, exc)  # fmt: skip
             return False
         self._seen = now
         self.reloads += 1

@@ -101,6 +101,7 @@ class ExtProcServer:
         self._grpc: grpc.aio.Server | h2server.H2Server | None = None
         self._health: grpc.aio.Server | h2server.H2Server | None = None
         self._watcher: cert_watch.CertWatcher | None = None
+        self._seen: cert_watch.Fingerprint | None = None
         self.grpc_port = config.grpc_port
         self.health_port = config.health_port
 
@@ -121,6 +122,8 @@ class ExtProcServer:
             raise ValueError(
                 f"unknown ext_proc transport {cfg.transport!r}; use one of {TRANSPORTS}"
             )
+        if cfg.cert_reload and cfg.cert_path and cfg.secure:
+            self._seen = cert_watch.fingerprint(cfg.cert_path)  # before the files are read
         creds = self._credentials()
         if cfg.transport == "h2":
             await self._start_h2(creds)
@@ -141,10 +144,11 @@ class ExtProcServer:
 
     async def _start_h2(self, creds: tuple[bytes, bytes, str] | None) -> None:
         cfg = self.config
-        context = tls.server_context(creds[0], creds[1]) if creds is not None else None
-        if context is not None:
-            ctx = context
-            self._watch(lambda key, cert: tls.load_into(ctx, key, cert))
+        context = None
+        if creds is not None:
+            reloadable = tls.ReloadableContext(creds[0], creds[1])
+            context = reloadable.listening
+            self._watch(reloadable.replace)
         router = self._router
         handlers: dict[str, h2server.HandlerFactory] = {
             f"/{SERVICE}/Process": lambda: ExtProcStream(router)
@@ -213,7 +217,9 @@ class ExtProcServer:
     def _watch(self, apply: cert_watch.Apply) -> None:
         cfg = self.config
         if cfg.cert_reload and cfg.cert_path:
-            self._watcher = cert_watch.CertWatcher(cfg.cert_path, apply, cfg.cert_reload_interval)
+            self._watcher = cert_watch.CertWatcher(
+                cfg.cert_path, apply, cfg.cert_reload_interval, seen=self._seen
+            )
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting streams; streams in flight get ``grace`` seconds to finish."""

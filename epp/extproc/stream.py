@@ -385,9 +385,14 @@ class ExtProcStream:
             return
         self._finished = True
         if self._routed is not None:
+            tail, self._usage_tail = self._usage_tail, None
+            usage = None
+            if tail is not None and outcome == "complete":
+                try:
+                    usage = tail.usage()
+                except Exception:  # the usage is a nicety; the bookkeeping below is not
+                    log.debug("unreadable usage in a response", exc_info=True)
             try:
-                tail, self._usage_tail = self._usage_tail, None
-                usage = tail.usage() if tail is not None and outcome == "complete" else None
                 self._router.finished(self._routed, outcome, usage)
             except Exception:
                 log.exception("completion hook failed")

@@ -16,6 +16,7 @@ import os
 import ssl
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -79,20 +80,41 @@ def load(cert_dir: str | Path) -> tuple[bytes, bytes]:
 
 
 def server_context(key_pem: bytes, cert_pem: bytes) -> ssl.SSLContext:
-    """A TLS 1.2+ server context offering ALPN ``h2``, from PEM key and certificate."""
+    """A TLS 1.2+ server context offering ALPN ``h2``, from PEM key and certificate.
+    Raises :class:`ssl.SSLError` when they do not match."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["h2"])
-    load_into(ctx, key_pem, cert_pem)
-    return ctx
-
-
-def load_into(ctx: ssl.SSLContext, key_pem: bytes, cert_pem: bytes) -> None:
-    """Make ``ctx`` serve this key and certificate from its next handshake on (connections
-    already open keep theirs). Raises :class:`ssl.SSLError` when they do not match."""
     # load_cert_chain reads only files; these live just long enough to be read.
     with tempfile.TemporaryDirectory() as tmp:
         key_file, cert_file = os.path.join(tmp, "tls.key"), os.path.join(tmp, "tls.crt")
         Path(key_file).write_bytes(key_pem)
         Path(cert_file).write_bytes(cert_pem)
         ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+class ReloadableContext:
+    """A listening context whose certificate can be replaced while it serves.
+
+    Loading a new pair into a live context is unsafe: OpenSSL installs the certificate
+    before it checks the key, so a bad pair would leave the context broken, and a key of
+    another type would sit beside the old one. Instead each pair gets a fresh context,
+    built and checked on its own, and every handshake switches to the newest one from the
+    ClientHello callback (which runs with or without SNI). Connections already open keep
+    theirs.
+    """
+
+    def __init__(self, key_pem: bytes, cert_pem: bytes) -> None:
+        self.listening = server_context(key_pem, cert_pem)
+        self._current = self.listening
+        self.listening.sni_callback = self._select
+
+    def _select(self, ssl_object: ssl.SSLObject, _server_name: str | None, _ctx: Any) -> None:
+        if self._current is not self.listening:
+            ssl_object.context = self._current
+
+    def replace(self, key_pem: bytes, cert_pem: bytes) -> None:
+        """Serve this pair from the next handshake on; raises (changing nothing) when the
+        pair is not usable."""
+        self._current = server_context(key_pem, cert_pem)

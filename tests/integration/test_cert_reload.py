@@ -4,6 +4,7 @@ handshake on, with both ext_proc servers; a broken pair is refused and the old o
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import ssl
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from epp.extproc import tls
 from epp.extproc.server import ExtProcServer, ServerConfig
@@ -20,6 +23,28 @@ from epp.extproc.server import ExtProcServer, ServerConfig
 
 def der(cert_pem: bytes) -> bytes:
     return x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+
+
+def rsa_self_signed() -> tuple[bytes, bytes]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
 
 async def served_cert(port: int) -> bytes:
@@ -84,13 +109,23 @@ async def test_new_certificates_are_served_without_a_restart(tmp_path, transport
             return await served_cert(server.grpc_port) == der(second[1])
 
         await eventually(second_served)
-        # A key that does not match its certificate is refused; the last good pair stays.
+        # A new certificate with a key that is not its own is refused; the last good pair
+        # keeps serving (the live context is never touched by a bad pair).
         caplog.set_level(logging.WARNING, logger="epp.extproc.cert_watch")
-        publish(secret, "v3", first[0], second[1])
+        third = tls.self_signed()
+        publish(secret, "v3", first[0], third[1])
         await asyncio.sleep(0.3)
         assert await served_cert(server.grpc_port) == der(second[1])
         warnings = [r for r in caplog.records if "cannot be used" in r.getMessage()]
         assert len(warnings) == 1  # once, not once per poll
+        # Another key type (EC to RSA) is served whole, not beside the old EC pair.
+        rsa_pair = rsa_self_signed()
+        publish(secret, "v4", *rsa_pair)
+
+        async def rsa_served() -> bool:
+            return await served_cert(server.grpc_port) == der(rsa_pair[1])
+
+        await eventually(rsa_served)
     finally:
         await server.stop(0)
 

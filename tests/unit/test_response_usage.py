@@ -59,19 +59,30 @@ def test_responses_api_completed_event():
     )
 
 
-def test_a_long_response_keeps_only_its_tail_and_still_finds_usage():
+def test_a_long_response_holds_little_and_still_finds_usage():
     t = UsageTail()
     filler = b"data: " + b"x" * 1000 + b"\n\n"
     for _ in range(200):
         t.feed(filler)
+        assert len(t._buf) == 0  # nothing kept while no usage key has passed
     t.feed(json.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode())
-    assert len(t._buf) <= 2 * TAIL_BYTES
+    for _ in range(50):
+        t.feed(filler)  # whatever follows the key is kept only up to the bound
+    assert len(t._buf) <= TAIL_BYTES
     assert t.usage() == Usage(1, 2)
 
 
-def test_usage_beyond_the_tail_is_none_not_wrong():
+def test_usage_followed_by_a_large_field_is_found():
     doc = {"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "prompt_logprobs": "y" * 40000}
-    assert tail_of(json.dumps(doc).encode()) is None
+    assert tail_of(json.dumps(doc).encode()) == Usage(1, 2)
+
+
+def test_a_key_cut_at_every_point_is_found():
+    data = b'{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}'
+    for cut in range(len(data) + 1):
+        assert tail_of(data[:cut], data[cut:]) == Usage(3, 4), cut
+    one_byte_chunks = [data[i : i + 1] for i in range(len(data))]
+    assert tail_of(*one_byte_chunks) == Usage(3, 4)
 
 
 def test_no_or_bad_usage_is_none():
@@ -98,3 +109,10 @@ def test_any_chunking_gives_the_same_usage(prompt, completion, cached, cuts):
     points = sorted({min(c, len(data)) for c in cuts})
     chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
     assert tail_of(*chunks) == Usage(prompt, completion, cached)
+
+
+def test_absurd_nesting_is_none_not_an_exception():
+    # Deeper than Python's recursion limit, and still inside the tail.
+    deep = b'{"usage": {"a": ' + b"[" * 7000 + b"]" * 7000 + b"}}"
+    assert len(deep) < TAIL_BYTES
+    assert tail_of(deep) is None
