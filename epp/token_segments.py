@@ -22,6 +22,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import tokenizers
 
@@ -68,9 +69,12 @@ class SegmentEncoder:
         max_chars: int = 32 << 20,
         min_cached_chars: int = 256,
         max_small: int = 4096,
+        encode_ids: IdsEncoder | None = None,
     ) -> None:
+        """``encode_ids``: the backend's :func:`ids_encoder` when the caller has one already
+        (its word cache is then shared)."""
         self._backend = backend
-        self._encode_ids = ids_encoder(backend)
+        self._encode_ids = encode_ids or ids_encoder(backend)
         self._ids = specials
         ordered = sorted(specials, key=len, reverse=True)  # the longest match wins
         self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
@@ -85,7 +89,7 @@ class SegmentEncoder:
         self.misses = 0
 
     @classmethod
-    def for_backend(cls, backend: tokenizers.Tokenizer, **kwargs: int) -> SegmentEncoder | None:
+    def for_backend(cls, backend: tokenizers.Tokenizer, **kwargs: Any) -> SegmentEncoder | None:
         """An encoder for ``backend``, or None when segment-wise encoding would not be exact."""
         specials: dict[str, int] = {}
         for token_id, added in backend.get_added_tokens_decoder().items():

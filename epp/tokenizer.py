@@ -666,8 +666,8 @@ class Tokenizer:
         if content_format not in ("auto", "string", "openai"):
             raise TokenizerError(f"unknown content format {content_format!r}")
         self._backend = backend
-        self._segments = SegmentEncoder.for_backend(backend)
         self._encode_ids = ids_encoder(backend)
+        self._segments = SegmentEncoder.for_backend(backend, encode_ids=self._encode_ids)
         self._special_tokens = dict(special_tokens or {})
         self._named: dict[str, str] = {}
         self._default: str | None = None

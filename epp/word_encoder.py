@@ -24,11 +24,13 @@ only thing reimplemented here is the word cutting, done with the same expression
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import threading
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import regex
@@ -36,6 +38,10 @@ import tokenizers
 from tokenizers import pre_tokenizers
 
 log = logging.getLogger(__name__)
+
+MAX_CACHED_WORD = 64
+"""Longer words are encoded every time: with :attr:`WordEncoder` ``max_words`` entries at
+most, this bounds the cache to a few tens of megabytes."""
 
 # The expression HF's ByteLevel pre-tokenizer uses with use_regex=True (GPT-2's).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -65,18 +71,21 @@ class WordEncoder:
         *,
         nfc: bool,
         added: dict[str, int],
+        normalized: frozenset[str] = frozenset(),
         max_words: int = 1 << 17,
     ) -> None:
+        """``added``: every added token's content and id; ``normalized``: the contents of
+        those the library matches only in what the others leave (its second pass)."""
         self._model = backend.model
         self._words = regex.compile(pattern)
         self._bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         self._nfc = nfc
         self._added = added
-        ordered = sorted(added, key=len, reverse=True)  # the longest match wins
-        self._added_pattern = (
-            regex.compile("|".join(regex.escape(s) for s in ordered)) if ordered else None
-        )
+        self._first = _alternation(t for t in added if t not in normalized)
+        self._second = _alternation(t for t in added if t in normalized)
         self._cache: dict[str, list[int]] = {}
+        self._library = backend.encode
+        self._unsafe = newer_unicode()
         self._max_words = max_words
         self._lock = threading.Lock()
 
@@ -104,14 +113,24 @@ class WordEncoder:
         if pattern is None:
             return f"pre-tokenizer {spec.get('pre_tokenizer')}", None
         added: dict[str, int] = {}
+        normalized: set[str] = set()
         for token_id, tok in backend.get_added_tokens_decoder().items():
             if tok.lstrip or tok.rstrip or tok.single_word:
                 return f"added token {tok.content!r} has strip/word flags", None
             if tok.normalized and normalizer is not None:
                 return f"added token {tok.content!r} is matched after normalization", None
             added[tok.content] = token_id
+            if tok.normalized:
+                normalized.add(tok.content)
         try:
-            enc = cls(backend, pattern, nfc=normalizer is not None, added=added, **kwargs)
+            enc = cls(
+                backend,
+                pattern,
+                nfc=normalizer is not None,
+                added=added,
+                normalized=frozenset(normalized),
+                **kwargs,
+            )
         except regex.error as exc:
             return f"its expression does not compile here: {exc}", None
         names = sorted(added, key=len)
@@ -131,9 +150,13 @@ class WordEncoder:
         ids = self._cache.get(word)
         if ids is not None:
             return ids
+        if not word:
+            return []  # an expression that can match nothing yields empty words
         # The library's own byte-level map and BPE model: one pre-token, no splitting.
         mapped = self._bytes.pre_tokenize_str(word)[0][0]
         ids = [t.id for t in self._model.tokenize(mapped)]
+        if len(word) > MAX_CACHED_WORD:
+            return ids  # long "words" (digit runs, base64) are rare and would bloat the cache
         with self._lock:
             if len(self._cache) >= self._max_words:
                 self._cache.clear()  # rare: a vocabulary's worth of distinct words
@@ -168,18 +191,57 @@ class WordEncoder:
         return words
 
     def encode(self, text: str) -> list[int]:
-        if self._added_pattern is None:
-            return self._plain(text)
+        if self._unsafe.search(text) is not None:
+            return self._library(text, add_special_tokens=False).ids
+        # As the library: tokens matched on the raw text first, normalized ones in the gaps.
+        return self._cut(text, self._first, self._in_gap)
+
+    def _in_gap(self, text: str) -> list[int]:
+        return self._cut(text, self._second, self._plain)
+
+    def _cut(
+        self, text: str, tokens: regex.Pattern[str] | None, rest: Callable[[str], list[int]]
+    ) -> list[int]:
+        if tokens is None:
+            return rest(text)
         out: list[int] = []
         pos = 0
-        for m in self._added_pattern.finditer(text):
+        for m in tokens.finditer(text):
             if m.start() > pos:
-                out += self._plain(text[pos : m.start()])
+                out += rest(text[pos : m.start()])
             out.append(self._added[m.group()])
             pos = m.end()
         if pos < len(text):
-            out += self._plain(text[pos:])
+            out += rest(text[pos:])
         return out
+
+
+def _alternation(contents: Iterable[str]) -> regex.Pattern[str] | None:
+    ordered = sorted(contents, key=len, reverse=True)  # the longest match wins
+    return regex.compile("|".join(regex.escape(c) for c in ordered)) if ordered else None
+
+
+@functools.cache
+def newer_unicode() -> re.Pattern[str]:
+    """Code points this Python's Unicode tables leave unassigned.
+
+    The ``regex`` module often knows a newer Unicode version than the tokenizers library
+    does, so the two can classify such characters differently (a letter to one, unassigned
+    to the other). Texts containing any of them go to the library. Built once, in about a
+    quarter of a second.
+    """
+    ranges: list[str] = []
+    start = None
+    for cp in range(0x110001):
+        unassigned = (
+            cp < 0x110000 and not 0xD800 <= cp < 0xE000 and unicodedata.category(chr(cp)) == "Cn"
+        )
+        if unassigned and start is None:
+            start = cp
+        elif not unassigned and start is not None:
+            ranges.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
+            start = None
+    return re.compile("[" + "".join(ranges) + "]")
 
 
 def _word_pattern(pre: dict[str, Any] | None) -> str | None:

@@ -7,6 +7,7 @@ import functools
 import json
 
 import pytest
+import regex
 import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +15,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 
 from bench.tiny_tokenizer import _CORPUS, trained_tokenizer_json
 from epp.token_segments import ids_encoder
-from epp.word_encoder import WordEncoder
+from epp.word_encoder import MAX_CACHED_WORD, WordEncoder, newer_unicode
 
 # Llama 3's word expression (tokenizer.json of Meta-Llama-3).
 LLAMA3_PATTERN = (
@@ -152,3 +153,80 @@ def test_an_added_token_with_strip_flags_is_declined():
     backend = tokenizers.Tokenizer.from_str(gpt2_style().to_str())
     backend.add_special_tokens([tokenizers.AddedToken("<x>", lstrip=True)])
     assert WordEncoder.for_backend(backend) is None
+
+
+def test_characters_newer_than_pythons_unicode_go_to_the_library():
+    # U+10940 is a letter to the regex module's tables and unassigned to the library's; a
+    # merge learned across it makes the two encodings differ unless the guard sends such
+    # text to the library.
+    c = "\U00010940"
+    corpus = [f"hello.{c}world {c}{c} x!{c}y"] * 50 + list(_CORPUS)
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    enc = WordEncoder.for_backend(tok)
+    assert enc is not None
+    for text in (f"hello.{c}world", f"a{c}\u0558b", "plain text"):
+        assert enc.encode(text) == tok.encode(text, add_special_tokens=False).ids
+
+
+def test_the_guard_covers_every_character_the_two_classify_differently():
+    # The word expressions differ between the two engines only through their character
+    # classes. Compare those for every code point the guard lets through.
+    guard = newer_unicode()
+    chars = "".join(
+        chr(cp)
+        for cp in range(0x110000)
+        if not 0xD800 <= cp < 0xE000 and guard.match(chr(cp)) is None
+    )
+    for cls in (r"\p{L}", r"\p{N}", r"\s"):
+        split = pre_tokenizers.Split(Regex(cls), behavior="removed")
+        kept = set()
+        for _piece, (start, end) in split.pre_tokenize_str(chars):
+            kept.update(range(start, end))
+        library = {i for i in range(len(chars)) if i not in kept}
+        ours = {m.start() for m in regex.finditer(cls, chars)}
+        differ = sorted(library ^ ours)
+        assert not differ, f"{cls}: {[hex(ord(chars[i])) for i in differ[:10]]}"
+
+
+def test_non_normalized_added_tokens_are_matched_before_normalized_ones():
+    backend = tokenizers.Tokenizer.from_str(gpt2_style().to_str())
+    backend.add_tokens(
+        [
+            tokenizers.AddedToken("cache", normalized=True),
+            tokenizers.AddedToken(" wor", normalized=False),
+            tokenizers.AddedToken("ca", normalized=False),
+        ]
+    )
+    enc = WordEncoder.for_backend(backend)
+    assert enc is not None
+    for text in ("the cache world", "cacache", " world", "cache"):
+        assert enc.encode(text) == backend.encode(text, add_special_tokens=False).ids
+
+
+def test_an_expression_that_can_match_nothing_gives_no_empty_words():
+    tok = train(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(r"\p{L}*"), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    )
+    encode = ids_encoder(tok)
+    for text in ("abc", "abc def", "ab, cd", ""):
+        assert encode(text, False) == tok.encode(text, add_special_tokens=False).ids
+
+
+def test_long_words_are_not_cached():
+    enc = WordEncoder.for_backend(gpt2_style())
+    assert enc is not None
+    long_word = "x" * (MAX_CACHED_WORD + 1)
+    assert enc.encode(long_word) == gpt2_style().encode(long_word, add_special_tokens=False).ids
+    assert long_word not in enc._cache
