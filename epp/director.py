@@ -51,6 +51,23 @@ from epp.tokenizer import Tokenizer, TokenizerError
 log = logging.getLogger("epp.decisions")
 
 _encode_json = msgspec.json.Encoder().encode
+
+# What vLLM's request models (pydantic, lax mode) take for a boolean field.
+_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
+
+
+def _lax_bool(value: Any, name: str) -> bool | None:
+    """``value`` as vLLM reads a boolean request field; None when absent; 400 otherwise."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise RoutingError(400, f"'{name}' must be a boolean")
+
+
 _TIER_NAMES = ("device", "host", "disk", "external")
 
 
@@ -228,9 +245,7 @@ class Director:
         body = parsed.body
         # vLLM's request field; its default differs by API (true for completions, false
         # for chat, whose template writes the special tokens itself).
-        special = body.get("add_special_tokens")
-        if special is not None and not isinstance(special, bool):
-            raise RoutingError(400, "'add_special_tokens' must be a boolean")
+        special = _lax_bool(body.get("add_special_tokens"), "add_special_tokens")
         try:
             if parsed.api == "completions":
                 prompt = body.get("prompt")
