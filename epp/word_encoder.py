@@ -24,10 +24,8 @@ only thing reimplemented here is the word cutting, done with the same expression
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import re
 import threading
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -38,6 +36,8 @@ import tokenizers
 from tokenizers import pre_tokenizers
 
 log = logging.getLogger(__name__)
+
+_category = unicodedata.category
 
 MAX_CACHED_WORD = 64
 """Longer words are encoded every time: with :attr:`WordEncoder` ``max_words`` entries at
@@ -85,7 +85,6 @@ class WordEncoder:
         self._second = _alternation(t for t in added if t in normalized)
         self._cache: dict[str, list[int]] = {}
         self._library = backend.encode
-        self._unsafe = newer_unicode()
         self._max_words = max_words
         self._lock = threading.Lock()
 
@@ -191,7 +190,7 @@ class WordEncoder:
         return words
 
     def encode(self, text: str) -> list[int]:
-        if self._unsafe.search(text) is not None:
+        if newer_unicode(text):
             return self._library(text, add_special_tokens=False).ids
         # As the library: tokens matched on the raw text first, normalized ones in the gaps.
         return self._cut(text, self._first, self._in_gap)
@@ -221,27 +220,17 @@ def _alternation(contents: Iterable[str]) -> regex.Pattern[str] | None:
     return regex.compile("|".join(regex.escape(c) for c in ordered)) if ordered else None
 
 
-@functools.cache
-def newer_unicode() -> re.Pattern[str]:
-    """Code points this Python's Unicode tables leave unassigned.
+def newer_unicode(text: str) -> bool:
+    """Whether ``text`` holds a code point this Python's Unicode tables leave unassigned.
 
     The ``regex`` module often knows a newer Unicode version than the tokenizers library
     does, so the two can classify such characters differently (a letter to one, unassigned
-    to the other). Texts containing any of them go to the library. Built once, in about a
-    quarter of a second.
+    to the other); texts that hold any go to the library. ASCII text is answered at once;
+    otherwise each distinct non-ASCII character is looked up once.
     """
-    ranges: list[str] = []
-    start = None
-    for cp in range(0x110001):
-        unassigned = (
-            cp < 0x110000 and not 0xD800 <= cp < 0xE000 and unicodedata.category(chr(cp)) == "Cn"
-        )
-        if unassigned and start is None:
-            start = cp
-        elif not unassigned and start is not None:
-            ranges.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
-            start = None
-    return re.compile("[" + "".join(ranges) + "]")
+    if text.isascii():
+        return False
+    return any(_category(c) == "Cn" for c in set(text) if c > "\x7f")
 
 
 def _word_pattern(pre: dict[str, Any] | None) -> str | None:
