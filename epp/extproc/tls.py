@@ -31,9 +31,13 @@ class CertificateError(ValueError):
     """The configured certificate cannot be used; the message says which file and why."""
 
 
-def self_signed(hostnames: tuple[str, ...] = ("localhost",)) -> tuple[bytes, bytes]:
-    """A new self-signed server certificate: ``(private key PEM, certificate PEM)``."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def self_signed(
+    hostnames: tuple[str, ...] = ("localhost",), *, key: Any = None
+) -> tuple[bytes, bytes]:
+    """A new self-signed server certificate: ``(private key PEM, certificate PEM)``, for
+    ``key`` (a ``cryptography`` private key; by default a new P-256 one)."""
+    if key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)])
     now = datetime.datetime.now(datetime.UTC)
     alt: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]

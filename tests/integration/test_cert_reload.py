@@ -4,7 +4,6 @@ handshake on, with both ext_proc servers; a broken pair is refused and the old o
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import os
 import ssl
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from epp.extproc import tls
 from epp.extproc.server import ExtProcServer, ServerConfig
@@ -26,25 +24,7 @@ def der(cert_pem: bytes) -> bytes:
 
 
 def rsa_self_signed() -> tuple[bytes, bytes]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+    return tls.self_signed(key=rsa.generate_private_key(public_exponent=65537, key_size=2048))
 
 
 async def served_cert(port: int) -> bytes:
