@@ -41,6 +41,7 @@ from epp.scheduling.load import ActiveLoad, Booking
 from epp.scheduling.scheduler import Decision, Scheduler
 from epp.scheduling.types import (
     Candidate,
+    EndpointMetrics,
     ProfileResult,
     SchedulingError,
     SchedulingRequest,
@@ -197,14 +198,16 @@ class Director:
                 f"model {model!r} is not served here (served: {', '.join(sorted(self._served))})",
             )
         token_ids = self._tokens(parsed)
-        req = self._scheduling_request(info, parsed, token_ids, self._lora_name(model, workers))
+        scraper = self.scraper
+        # Read once: the LoRA check and the candidates both need them.
+        metrics = [scraper.get(w) if scraper is not None else None for w, _ep in workers]
+        req = self._scheduling_request(info, parsed, token_ids, self._lora_name(model, metrics))
         matches = self.index.find_matches(req.block_keys) if len(req.block_keys) else None
         candidates = []
         view = self.load.view
         new_blocks = self.load.new_blocks
-        scraper = self.scraper
         unique_keys = frozenset(req.block_keys)  # de-duplicated once, not per candidate
-        for worker, ep in workers:
+        for (worker, ep), m in zip(workers, metrics, strict=True):
             overlap = matches.overlap(worker) if matches is not None else Overlap(0)
             candidates.append(
                 Candidate(
@@ -213,7 +216,7 @@ class Director:
                     overlap=overlap,
                     load=view(worker),
                     new_blocks=new_blocks(worker, unique_keys),
-                    metrics=scraper.get(worker) if scraper is not None else None,
+                    metrics=m,
                 )
             )
         try:
@@ -277,16 +280,14 @@ class Director:
             raise RoutingError(400, f"cannot apply the chat template: {exc}") from None
         return None
 
-    def _lora_name(self, model: str, workers: list[tuple[Worker, Any]]) -> str | None:
+    def _lora_name(self, model: str, metrics: list[EndpointMetrics | None]) -> str | None:
         """The LoRA adapter the request runs with: its model name, when that is a configured
         adapter or one an engine reports running or waiting (vLLM serves an adapter under
         the name it was loaded with, and announces its blocks with that ``lora_name``)."""
         if model in self._adapters:
             return model
-        scraper = self.scraper
-        if scraper is not None and model:
-            for worker, _ep in workers:
-                m = scraper.get(worker)
+        if model:
+            for m in metrics:
                 if m is not None and (model in m.running_lora or model in m.waiting_lora):
                     return model
         return None
