@@ -61,8 +61,12 @@ async def test_follow_ups_land_on_the_engine_holding_their_prefix(tmp_path):
     rng = random.Random(4)
     async with sims(3) as engines:
         entries = [entry(e) for e in engines]
-        async with epp_stack(tmp_path, backends=0, extra_endpoints=entries) as st:
+        async with (
+            epp_stack(tmp_path, backends=0, extra_endpoints=entries) as st,
+            contextlib.AsyncExitStack() as stack,
+        ):
             client = openai.AsyncOpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+            stack.push_async_callback(client.close)
             prefixes = [[rng.randrange(10, 30000) for _ in range(8 * BS)] for _ in range(6)]
             homes: dict[int, SimApp] = {}
             for i, prefix in enumerate(prefixes):
@@ -98,8 +102,12 @@ async def test_streamed_chat_through_the_gateway_is_intact(tmp_path):
     model = build_tiny_model(tmp_path / "tiny", "llama3")
     async with sims(2, "--tokenizer", str(model), "--served-model-name", "tiny") as engines:
         entries = [entry(e) for e in engines]
-        async with epp_stack(tmp_path, backends=0, extra_endpoints=entries, tokenizer=model) as st:
+        async with (
+            epp_stack(tmp_path, backends=0, extra_endpoints=entries, tokenizer=model) as st,
+            contextlib.AsyncExitStack() as stack,
+        ):
             client = openai.AsyncOpenAI(base_url=st.url + "/v1", api_key="x", max_retries=0)
+            stack.push_async_callback(client.close)
             before = await token_sums(st.app.metrics_port, "tiny")
             messages = [
                 {"role": "system", "content": "You answer briefly. " * 20},
