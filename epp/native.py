@@ -1,4 +1,4 @@
-"""The KV event hot path's compiled helpers, or their pure-Python equivalents.
+"""The hot paths' compiled helpers (KV events, request bodies), or their pure-Python twins.
 
 ``epp._kvnative`` (C, built from ``epp/native/`` at install time) parses msgpack token-id and
 block-hash arrays straight into machine words, hashes blocks with XXH3-64, and provides
@@ -17,7 +17,10 @@ Guarantees of both implementations:
   anything else, an empty bin included;
 * :func:`block_keys` returns XXH3-64 of each full block of packed u32 token ids, with the
   given seed, as ``array('Q')``;
-* :class:`U64Map` maps ints in ``[0, 2**64)`` to objects (see its methods).
+* :class:`U64Map` maps ints in ``[0, 2**64)`` to objects (see its methods);
+* :func:`json_depth_exceeds` says whether a JSON text nests arrays and objects deeper than a
+  limit, brackets inside strings not counted and nothing else validated (the compiled one
+  releases the GIL while it scans).
 
 :data:`fast_decode_batch` is the one helper with no pure-Python twin: the compiled decoder of
 the common shape of a KV event batch, which returns None for anything else so that
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 import sys
 from array import array
@@ -90,6 +94,23 @@ def py_block_keys(packed: Any, block_size: int, seed: int) -> array:
     xxh3 = xxhash.xxh3_64_intdigest
     ends = range(width, len(data) + 1, width)
     return array("Q", [xxh3(data[end - width : end], seed) for end in ends])
+
+
+# A string literal (escapes included, possibly unterminated at the end) or one bracket.
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?$)|[\[\]{}]', re.DOTALL)
+
+
+def py_json_depth_exceeds(text: Any, limit: int) -> bool:
+    depth = 0
+    for match in _JSON_TOKENS.finditer(bytes(text)):
+        c = match.group()
+        if c == b"[" or c == b"{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif c == b"]" or c == b"}":
+            depth -= 1
+    return False
 
 
 def as_u64_array(values: Iterable[int]) -> array:
@@ -158,6 +179,7 @@ if _ext is not None:
     pack_u32 = _ext.pack_u32
     u64s = _ext.u64s
     block_keys = _ext.block_keys
+    json_depth_exceeds = _ext.json_depth_exceeds
     U64Map: type = _ext.U64Map
     fast_decode_batch: Any = _ext.decode_batch
 else:
@@ -165,5 +187,6 @@ else:
     pack_u32 = py_pack_u32
     u64s = py_u64s
     block_keys = py_block_keys
+    json_depth_exceeds = py_json_depth_exceeds
     U64Map = PyU64Map
     fast_decode_batch = None

@@ -680,6 +680,52 @@ static PyTypeObject MapType = {
     .tp_as_mapping = &map_as_mapping,
 };
 
+/* ------------------------------------------------------------------- JSON depth */
+
+/* Whether the JSON text nests arrays/objects deeper than `limit`. Brackets inside strings
+   do not count; the text is not otherwise validated (the JSON decoder does that after).
+   Releases the GIL: a 10 MB body takes milliseconds and other threads may run meanwhile. */
+static PyObject *kvn_json_depth_exceeds(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "json_depth_exceeds(text, limit) takes 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const uint8_t *p = view.buf, *end = p + view.len;
+    Py_ssize_t depth = 0;
+    int deeper = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (p < end) {
+        uint8_t c = *p++;
+        if (c == '"') {
+            while (p < end) {
+                uint8_t d = *p++;
+                if (d == '\\') {
+                    p++;  /* the escaped byte, whatever it is */
+                } else if (d == '"') {
+                    break;
+                }
+            }
+        } else if (c == '[' || c == '{') {
+            if (++depth > limit) {
+                deeper = 1;
+                break;
+            }
+        } else if (c == ']' || c == '}') {
+            depth--;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(deeper);
+}
+
 /* ------------------------------------------------------------------------ module */
 
 static PyMethodDef module_methods[] = {
@@ -697,6 +743,9 @@ static PyMethodDef module_methods[] = {
      "dp_rank), or None when the batch is outside the common shape this decoder handles."},
     {"block_keys", (PyCFunction)(void (*)(void))kvn_block_keys, METH_FASTCALL,
      "block_keys(packed, block_size, seed) -> array('Q'): XXH3-64 of each full block."},
+    {"json_depth_exceeds", (PyCFunction)(void (*)(void))kvn_json_depth_exceeds, METH_FASTCALL,
+     "json_depth_exceeds(text, limit) -> bool: whether JSON arrays/objects nest deeper than "
+     "limit (brackets inside strings ignored; nothing else validated)."},
     {NULL, NULL, 0, NULL},
 };
 

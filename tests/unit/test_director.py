@@ -497,11 +497,11 @@ def test_chat_template_error_is_400(tokenizer: Tokenizer) -> None:
     s = Setup(eps(A), tokenizer=tokenizer)
     err = refused(
         s,
-        {"model": "m", "messages": [{"role": "narrator", "content": "once upon a time"}]},
+        {"model": "m", "messages": [{"role": "function", "content": "once upon a time"}]},
         path="/v1/chat/completions",
     )
     assert err.status == 400
-    assert "Conversation roles must be user, assistant or tool; got narrator" in err.reason
+    assert "Conversation roles must be user, assistant or tool; got function" in err.reason
     assert s.idle()
 
 

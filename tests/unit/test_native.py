@@ -653,3 +653,21 @@ def test_index_gives_the_same_answers_with_and_without_the_extension(monkeypatch
     assert rejected == {}
     assert sum(counts) == 6 * 300  # the caches filled up, with evictions on the way
     assert sum(1 for depths, _ in answers if depths) > 100  # most queries matched someone
+
+
+def test_json_depth_twins_agree():
+    import random
+
+    from epp import native
+
+    pure = native.py_json_depth_exceeds
+    fast = native.json_depth_exceeds
+    rng = random.Random(7)
+    cases = [b"", b"[[[]]]", b'{"a":"[[[["}', b'["\\"[[["]', b'[["abc', b'["\\', b"]]][[["]
+    cases += [
+        bytes(rng.choice(b'[]{}"\\a') for _ in range(rng.randint(0, 24))) for _ in range(3000)
+    ]
+    for text in cases:
+        for limit in range(4):
+            assert fast(text, limit) == pure(text, limit), (text, limit)
+    assert fast(bytearray(b"[" * 200), 128) and not fast(memoryview(b"[" * 128), 128)

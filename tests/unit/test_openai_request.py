@@ -87,16 +87,28 @@ def test_responses_and_others():
         ("/v1/completions", b"", "malformed JSON"),
         ("/v1/completions", b"[1]", "must be a JSON object"),
         ("/v1/completions", body(prompt="x"), "missing 'model'"),
-        ("/v1/completions", body(model="", prompt="x"), "missing 'model'"),
-        ("/v1/completions", body(model=3, prompt="x"), "missing 'model'"),
+        (
+            "/v1/completions",
+            body(model="", prompt="x"),
+            "'model' must be a non-empty string, not an empty string",
+        ),
+        (
+            "/v1/completions",
+            body(model=3, prompt="x"),
+            "'model' must be a non-empty string, not the number 3",
+        ),
         ("/v1/completions", body(model="m"), "missing 'prompt'"),
         ("/v1/completions", body(model="m", prompt=""), "non-empty"),
         ("/v1/completions", body(model="m", prompt=[]), "non-empty"),
-        ("/v1/completions", body(model="m", prompt=[1, "a"]), "'prompt' must be"),
-        ("/v1/completions", body(model="m", prompt=[-1]), "'prompt' must be"),
-        ("/v1/completions", body(model="m", prompt=[True]), "'prompt' must be"),
-        ("/v1/completions", body(model="m", prompt=[[1], []]), "'prompt' must be"),
-        ("/v1/completions", body(model="m", prompt={"a": 1}), "non-empty"),
+        ("/v1/completions", body(model="m", prompt=[1, "a"]), "'prompt[1]' must be a token id"),
+        ("/v1/completions", body(model="m", prompt=[-1]), "'prompt[0]' must be a token id"),
+        ("/v1/completions", body(model="m", prompt=[True]), "'prompt' must be a string"),
+        (
+            "/v1/completions",
+            body(model="m", prompt=[[1], []]),
+            "'prompt[1]' must be a non-empty list",
+        ),
+        ("/v1/completions", body(model="m", prompt={"a": 1}), "not an object"),
         ("/v1/chat/completions", body(model="m"), "'messages' must be a non-empty list"),
         ("/v1/chat/completions", body(model="m", messages=[]), "non-empty list"),
         (
@@ -141,3 +153,144 @@ def test_bad_requests_are_400_with_a_reason(path, raw, says):
         parse_request(path, raw)
     assert info.value.status == 400
     assert says in info.value.reason
+
+
+# ------------------------------------------------------------------ hostile input classes
+
+
+def _reason(path: str, raw: bytes, **kwargs) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        parse_request(path, raw, **kwargs)
+    assert info.value.status == 400
+    assert "NoneType" not in info.value.reason and "truncated" not in info.value.reason
+    return info.value
+
+
+def test_deep_nesting_is_refused_before_decoding():
+    raw = b'{"model":"m","messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    err = _reason("/v1/chat/completions", raw)
+    assert err.limit == "json_depth" and "128 levels" in err.reason
+
+
+def test_depth_limit_counts_nesting_not_brackets_in_strings():
+    text = "[[[[ {{{{ " * 100
+    raw = body(model="m", messages=[{"role": "user", "content": text}] * 200)
+    assert parse_request("/v1/chat/completions", raw, max_json_depth=4).model == "m"
+    nested = body(model="m", prompt="x", extra=[[[[1]]]])
+    assert parse_request("/v1/completions", nested, max_json_depth=5).model == "m"
+    assert _reason("/v1/completions", nested, max_json_depth=4).limit == "json_depth"
+
+
+def test_without_a_depth_limit_the_decoders_own_limit_is_still_a_400():
+    raw = b'{"model":"m","prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    err = _reason("/v1/completions", raw, max_json_depth=0)
+    assert err.limit == "json_depth"
+
+
+def test_a_lone_surrogate_names_its_field():
+    raw = (
+        b'{"model":"m","messages":[{"role":"user","content":"ok"},'
+        b'{"role":"user","content":[{"type":"text","text":"a\\ud800b"}]}]}'
+    )
+    err = _reason("/v1/chat/completions", raw)
+    assert err.param == "messages[1].content[0].text"
+    assert "lone UTF-16 surrogate" in err.reason and err.limit is None
+
+
+def test_a_surrogate_pair_is_fine():
+    raw = b'{"model":"m","messages":[{"role":"user","content":"\\ud83d\\ude00"}]}'
+    assert parse_request("/v1/chat/completions", raw).messages[0]["content"] == "\U0001f600"
+
+
+def test_invalid_utf8_and_broken_json_say_where():
+    assert (
+        "at byte 26"
+        in _reason("/v1/completions", b'{"model":"m","prompt":"abc\xed\xa0\x80"}').reason
+    )
+    err = _reason("/v1/completions", b'{"model":"m",\n "prompt": [1, 2,, 3]}')
+    assert "line 2" in err.reason and err.reason.startswith("malformed JSON")
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "says"),
+    [
+        ([None], "messages[0]", "must be an object, not null"),
+        ([{"role": None, "content": "x"}], "messages[0].role", "must be a string, not null"),
+        (
+            [{"role": "wizard", "content": "x"}],
+            "messages[0].role",
+            "'wizard', which is not a known",
+        ),
+        ([{"role": "user", "content": {"text": "x"}}], "messages[0].content", "not an object"),
+        ([{"role": "user", "content": [None]}], "messages[0].content[0]", "not null"),
+        ([{"role": "user", "content": [{"type": 3}]}], "messages[0].content[0].type", "a string"),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": [{"type": "text", "text": 5}]},
+            ],
+            "messages[1].content[0].text",
+            "must be a string, not the number 5",
+        ),
+        (
+            [{"role": "assistant", "content": None, "tool_calls": {}}],
+            "messages[0].tool_calls",
+            "list",
+        ),
+        ([{"role": "assistant", "tool_calls": [None]}], "messages[0].tool_calls[0]", "not null"),
+        (
+            [{"role": "assistant", "tool_calls": [{"function": None}]}],
+            "messages[0].tool_calls[0].function",
+            "an object, not null",
+        ),
+        (
+            [{"role": "tool", "content": "r", "tool_call_id": 7}],
+            "messages[0].tool_call_id",
+            "string",
+        ),
+        ([{"role": "user", "content": "x", "name": []}], "messages[0].name", "not an array"),
+    ],
+)
+def test_chat_field_errors_name_the_field(messages, param, says):
+    err = _reason("/v1/chat/completions", body(model="m", messages=messages))
+    assert err.param == param and f"'{param}'" in err.reason and says in err.reason
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": {"a": 1}}, "tools"),
+        ({"tools": [None]}, "tools[0]"),
+        ({"tools": [{"type": "function", "function": None}]}, "tools[0].function"),
+        ({"chat_template_kwargs": "x"}, "chat_template_kwargs"),
+        ({"add_generation_prompt": "yes"}, "add_generation_prompt"),
+        ({"continue_final_message": 1}, "continue_final_message"),
+        ({"stream": None, "echo": 0}, "echo"),
+    ],
+)
+def test_chat_request_field_types(fields, param):
+    err = _reason("/v1/chat/completions", body(**CHAT, **fields))
+    assert err.param == param
+
+
+def test_every_known_role_and_part_shape_is_accepted():
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "developer", "content": [{"type": "text", "text": "d"}]},
+        {"role": "user", "content": ["plain", {"type": "image_url", "image_url": {"url": "u"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]},
+        {"role": "tool", "content": "r", "tool_call_id": "c"},
+        {"role": "function", "content": "r", "name": "f"},
+        {"role": "ipython", "content": "r"},
+        {"role": "user", "content": [{"type": "text", "text": None}]},  # vLLM skips it
+    ]
+    req = parse_request("/v1/chat/completions", body(model="m", messages=messages))
+    assert len(req.messages) == len(messages)
+
+
+def test_responses_input_items_are_checked():
+    assert _reason("/v1/responses", body(model="m", input=[None])).param == "input[0]"
+    err = _reason("/v1/responses", body(model="m", input=[{"role": "user", "content": 1}]))
+    assert err.param == "input[0].content"
+    ok = [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]
+    assert parse_request("/v1/responses", body(model="m", input=ok)).api == "responses"
