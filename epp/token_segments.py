@@ -26,16 +26,25 @@ from typing import Any
 
 import tokenizers
 
-from epp.word_encoder import word_ids_encoder
+from epp.token_budget import TokenBudget, TokenLimitReached
+from epp.word_encoder import WordEncoder
 
 IdsEncoder = Callable[[str, bool], list[int]]
+BoundedEncoder = Callable[[str, TokenBudget], list[int]]
+"""``f(text, budget)``: the ids without special tokens, or the budget's exception."""
 
 
-def ids_encoder(backend: tokenizers.Tokenizer) -> IdsEncoder:
-    """``f(text, add_special_tokens)`` equal to ``backend.encode(...).ids``, but cheaper:
-    without special tokens, word by word through a :class:`~epp.word_encoder.WordEncoder`
-    where that is exact; otherwise through ``encode_batch_fast`` where the library has it
-    (tokenizers >= 0.21), which skips the character offsets the EPP never reads."""
+def ids_encoders(backend: tokenizers.Tokenizer) -> tuple[IdsEncoder, BoundedEncoder]:
+    """Two encoders equal to ``backend.encode(...).ids``, but cheaper:
+
+    * ``f(text, add_special_tokens)``: without special tokens, word by word through a
+      :class:`~epp.word_encoder.WordEncoder` where that is exact; otherwise through
+      ``encode_batch_fast`` where the library has it (tokenizers >= 0.21), which skips the
+      character offsets the EPP never reads;
+    * ``g(text, budget)``: without special tokens, within a :class:`TokenBudget`; word by
+      word where the word encoder exists, so that it stops early; otherwise the library's
+      encoding, checked against the budget once done (the caller bounds the text's length).
+    """
     fast = getattr(backend, "encode_batch_fast", None)
 
     def base(text: str, special: bool) -> list[int]:
@@ -43,10 +52,23 @@ def ids_encoder(backend: tokenizers.Tokenizer) -> IdsEncoder:
             return backend.encode(text, add_special_tokens=special).ids
         return fast([text], add_special_tokens=special)[0].ids
 
-    words = word_ids_encoder(backend)
+    def base_bounded(text: str, budget: TokenBudget) -> list[int]:
+        ids = base(text, False)
+        budget.check(len(ids))
+        return ids
+
+    words = WordEncoder.for_backend(backend)
     if words is None:
-        return base
-    return lambda text, special: base(text, True) if special else words(text)
+        return base, base_bounded
+    plain = words.encode
+    return (lambda text, special: base(text, True) if special else plain(text)), (
+        words.encode_bounded
+    )
+
+
+def ids_encoder(backend: tokenizers.Tokenizer) -> IdsEncoder:
+    """The first of :func:`ids_encoders`."""
+    return ids_encoders(backend)[0]
 
 
 _PROBES = (
@@ -70,11 +92,15 @@ class SegmentEncoder:
         min_cached_chars: int = 256,
         max_small: int = 4096,
         encode_ids: IdsEncoder | None = None,
+        encode_bounded: BoundedEncoder | None = None,
     ) -> None:
-        """``encode_ids``: the backend's :func:`ids_encoder` when the caller has one already
-        (its word cache is then shared)."""
+        """``encode_ids`` / ``encode_bounded``: the backend's :func:`ids_encoders` when the
+        caller has them already (their word cache is then shared)."""
         self._backend = backend
-        self._encode_ids = encode_ids or ids_encoder(backend)
+        if encode_ids is None or encode_bounded is None:
+            encode_ids, encode_bounded = ids_encoders(backend)
+        self._encode_ids = encode_ids
+        self._encode_bounded = encode_bounded
         self._ids = specials
         ordered = sorted(specials, key=len, reverse=True)  # the longest match wins
         self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
@@ -136,14 +162,24 @@ class SegmentEncoder:
                     small.clear()
                 small[piece] = ids
             return ids
+        ids = self._cached(piece)
+        if ids is not None:
+            return ids
+        ids = self._encode_ids(piece, False)
+        self._remember(piece, ids)
+        return ids
+
+    def _cached(self, piece: str) -> list[int] | None:
         cache = self._cache
         with self._lock:
             ids = cache.get(piece)
             if ids is not None:
                 cache.move_to_end(piece)
                 self.hits += 1
-                return ids
-        ids = self._encode_ids(piece, False)
+            return ids
+
+    def _remember(self, piece: str, ids: list[int]) -> None:
+        cache = self._cache
         with self._lock:
             self.misses += 1
             if piece not in cache and len(piece) <= self._max_chars:
@@ -152,7 +188,6 @@ class SegmentEncoder:
                 while self._chars > self._max_chars:
                     old, _ = cache.popitem(last=False)
                     self._chars -= len(old)
-        return ids
 
     def encode(self, text: str) -> list[int]:
         out: list[int] = []
@@ -166,3 +201,33 @@ class SegmentEncoder:
         if pos < len(text):
             out.extend(self._piece(text[pos:]))
         return out
+
+    def encode_bounded(self, text: str, budget: TokenBudget) -> list[int]:
+        """:meth:`encode` within ``budget`` (the same ids, or the budget's exception soon
+        after it is spent). A long piece is cached only when it was encoded whole."""
+        out: list[int] = []
+        pos = 0
+        ids = self._ids
+        for m in self._pattern.finditer(text):
+            if m.start() > pos:
+                self._piece_bounded(text[pos : m.start()], out, budget)
+            out.append(ids[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            self._piece_bounded(text[pos:], out, budget)
+        budget.check(len(out))
+        return out
+
+    def _piece_bounded(self, piece: str, out: list[int], budget: TokenBudget) -> None:
+        if len(piece) < self._min:
+            out += self._piece(piece)
+            return
+        ids = self._cached(piece)
+        if ids is None:
+            try:
+                ids = self._encode_bounded(piece, budget.remaining(len(out)))
+            except TokenLimitReached as exc:
+                raise TokenLimitReached(len(out) + exc.count) from None
+            self._remember(piece, ids)
+        out += ids
+        budget.check(len(out))

@@ -49,7 +49,10 @@ import jinja2.parser
 import jinja2.sandbox
 import tokenizers
 
-from epp.token_segments import SegmentEncoder, ids_encoder
+from epp import context_length
+from epp.context_length import PromptTooLong
+from epp.token_budget import TokenBudget, TokenLimitReached
+from epp.token_segments import SegmentEncoder, ids_encoders
 
 __all__ = [
     "ContentFormat",
@@ -666,8 +669,17 @@ class Tokenizer:
         if content_format not in ("auto", "string", "openai"):
             raise TokenizerError(f"unknown content format {content_format!r}")
         self._backend = backend
-        self._encode_ids = ids_encoder(backend)
-        self._segments = SegmentEncoder.for_backend(backend, encode_ids=self._encode_ids)
+        self._encode_ids, self._encode_bounded = ids_encoders(backend)
+        self._segments = SegmentEncoder.for_backend(
+            backend, encode_ids=self._encode_ids, encode_bounded=self._encode_bounded
+        )
+        self._special_frame = _special_frame(backend)
+        self._byte_factor = _byte_bound_factor(backend)
+        self._max_chars_per_token: int | None = None
+        self.max_model_len: int | None = None
+        """The model's context length as its folder states it (set by :meth:`load`; see
+        :mod:`epp.context_length`), None when unknown."""
+        self.max_model_len_source = "none"
         self._special_tokens = dict(special_tokens or {})
         self._named: dict[str, str] = {}
         self._default: str | None = None
@@ -738,7 +750,7 @@ class Tokenizer:
             and Path(chat_template).expanduser().is_file()
         ):
             chat_template = _read_text(Path(chat_template).expanduser())
-        return cls(
+        tokenizer = cls(
             backend,
             special_tokens={k: t for k, v in special.items() if (t := _token_text(v)) is not None},
             chat_templates=_chat_templates(folder, config),
@@ -746,6 +758,10 @@ class Tokenizer:
             content_format=content_format,
             name=name_or_path,
         )
+        tokenizer.max_model_len, tokenizer.max_model_len_source = context_length.from_model_folder(
+            folder
+        )
+        return tokenizer
 
     # ---- facts ---------------------------------------------------------------------------
 
@@ -774,18 +790,31 @@ class Tokenizer:
         """The names of the model's named chat templates (empty for a single template)."""
         return sorted(self._named)
 
+    @property
+    def max_chars_per_token(self) -> int:
+        """The longest token of the vocabulary, in characters (added tokens included): no
+        token covers more of a text, so a text of ``n`` characters has at least
+        ``n / max_chars_per_token`` tokens."""
+        if self._max_chars_per_token is None:
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+            self._max_chars_per_token = max(map(len, vocab), default=1) or 1
+        return self._max_chars_per_token
+
     def _token_id(self, key: str) -> int | None:
         token = self._special_tokens.get(key)
         return None if token is None else self._backend.token_to_id(token)
 
     # ---- completions ---------------------------------------------------------------------
 
-    def encode_prompt(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    def encode_prompt(
+        self, text: str, *, add_special_tokens: bool = True, budget: TokenBudget | None = None
+    ) -> list[int]:
         """The token ids vLLM computes for a completions ``prompt`` string (``add_special_tokens``
-        is the request field of that name, default true: BOS etc. per the post-processor)."""
+        is the request field of that name, default true: BOS etc. per the post-processor).
+        ``budget``: see :meth:`encode_chat`."""
         if not isinstance(text, str):
             raise TokenizerError("prompt must be a string")
-        return self._encode_ids(text, add_special_tokens)
+        return self._encode(text, add_special_tokens, budget)
 
     # ---- chat ----------------------------------------------------------------------------
 
@@ -886,10 +915,17 @@ class Tokenizer:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         documents: Sequence[Mapping[str, Any]] | None = None,
         add_special_tokens: bool = False,
+        budget: TokenBudget | None = None,
     ) -> list[int]:
         """The token ids vLLM computes for a chat request: :meth:`render_chat`, then encoding
         with ``add_special_tokens`` (the request field, default false: the template already
-        has BOS)."""
+        has BOS).
+
+        With a ``budget``, a prompt of more than ``budget.limit`` tokens raises
+        :class:`~epp.context_length.PromptTooLong` (without tokenizing when the text is
+        longer than the limit allows in characters, and stopping just past the limit
+        otherwise), and :class:`~epp.token_budget.DeadlineReached` is raised once the
+        deadline passes while a long text is encoded."""
         text = self.render_chat(
             messages,
             tools=tools,
@@ -899,7 +935,7 @@ class Tokenizer:
             chat_template_kwargs=chat_template_kwargs,
             documents=documents,
         )
-        return self._encode(text, add_special_tokens)
+        return self._encode(text, add_special_tokens, budget)
 
     # ---- responses -----------------------------------------------------------------------
 
@@ -931,18 +967,82 @@ class Tokenizer:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        budget: TokenBudget | None = None,
     ) -> list[int]:
         """The token ids vLLM computes for a ``/v1/responses`` request (see
-        :meth:`render_responses_input`), encoded without added special tokens."""
+        :meth:`render_responses_input`), encoded without added special tokens; ``budget``
+        as in :meth:`encode_chat`."""
         text = self.render_responses_input(
             input, instructions, tools=tools, chat_template_kwargs=chat_template_kwargs
         )
-        return self._encode(text, False)
+        return self._encode(text, False, budget)
 
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def check_length(self, text: str, *, add_special_tokens: bool, budget: TokenBudget) -> None:
+        """Raise :class:`~epp.context_length.PromptTooLong` when ``text`` has more than
+        ``budget.limit`` tokens, doing no more work than that needs (for prompts the EPP
+        does not route on, such as a batch of completions prompts)."""
+        self._encode(text, add_special_tokens, budget)
+
+    def _encode(
+        self, text: str, add_special_tokens: bool, budget: TokenBudget | None = None
+    ) -> list[int]:
+        if budget is None or not budget.bounded:
+            return self._encode_whole(text, add_special_tokens)
+        limit = budget.limit
+        if limit is not None:
+            max_chars = max(limit, 0) * self.max_chars_per_token
+            if len(text) > max_chars:
+                raise PromptTooLong(chars=len(text), max_chars=max_chars)
+            if self._fits_by_bytes(text, limit, add_special_tokens):
+                budget = budget.unlimited()
+        if len(text) <= _SMALL_TEXT or not budget.bounded:
+            ids = self._encode_whole(text, add_special_tokens)
+        else:
+            try:
+                ids = self._encode_within(text, add_special_tokens, budget)
+            except TokenLimitReached as exc:
+                raise PromptTooLong(tokens=exc.count) from None
+        if limit is not None and len(ids) > limit:
+            raise PromptTooLong(tokens=len(ids))
+        return ids
+
+    def _encode_whole(self, text: str, add_special_tokens: bool) -> list[int]:
         if self._segments is not None and not add_special_tokens:
             return self._segments.encode(text)
         return self._encode_ids(text, add_special_tokens)
+
+    def _encode_within(self, text: str, add_special_tokens: bool, budget: TokenBudget) -> list[int]:
+        if not add_special_tokens:
+            if self._segments is not None:
+                return self._segments.encode_bounded(text, budget)
+            return self._encode_bounded(text, budget)
+        if self._special_frame is None:  # post-processing we cannot split: whole, checked after
+            ids = self._encode_ids(text, True)
+            budget.check(len(ids))
+            return ids
+        before, after = self._special_frame
+        extra = len(before) + len(after)
+        try:
+            ids = self._encode_bounded(text, budget.remaining(extra))
+        except TokenLimitReached as exc:
+            raise TokenLimitReached(exc.count + extra) from None
+        return [*before, *ids, *after]
+
+    def _fits_by_bytes(self, text: str, limit: int, add_special_tokens: bool) -> bool:
+        """Whether ``text`` surely has at most ``limit`` tokens without counting them: in a
+        byte-level tokenizer no token is shorter than one byte (of the normalized text)."""
+        factor = self._byte_factor
+        if factor is None:
+            return False
+        extra = 0
+        if add_special_tokens:
+            if self._special_frame is None:
+                return False
+            extra = len(self._special_frame[0]) + len(self._special_frame[1])
+        # NFC leaves ASCII alone, and an ASCII text's length is its size in bytes.
+        ascii_ = text.isascii()
+        size = len(text) if ascii_ else len(text.encode("utf-8", "surrogatepass")) * factor
+        return size + extra <= limit
 
     @property
     def segment_cache(self) -> SegmentEncoder | None:
@@ -974,6 +1074,49 @@ class Tokenizer:
         if self._default is None:
             raise TokenizerError(f"{self.name or 'this model'} has no chat template")
         return self._default
+
+
+_SMALL_TEXT = 65_536
+"""Texts up to this many characters are encoded whole even under a budget: the budget's
+checks would save little, and the whole-text path is the fastest."""
+
+
+def _special_frame(backend: tokenizers.Tokenizer) -> tuple[list[int], list[int]] | None:
+    """The ids the post-processor puts before and after a text's own (BOS, EOS, ...), when
+    it only frames the text that way (checked on probe texts); None otherwise."""
+    probes = ("a", "hello world", " two  words\n", "ünï 文字")
+    frame: tuple[list[int], list[int]] | None = None
+    for probe in probes:
+        whole = backend.encode(probe, add_special_tokens=True).ids
+        plain = backend.encode(probe, add_special_tokens=False).ids
+        n = len(plain)
+        found = None
+        for i in range(len(whole) - n + 1):
+            if whole[i : i + n] == plain:
+                found = (whole[:i], whole[i + n :])
+                break
+        if found is None or (frame is not None and found != frame):
+            return None
+        frame = found
+    return frame
+
+
+def _byte_bound_factor(backend: tokenizers.Tokenizer) -> int | None:
+    """How many tokens a byte of text can become at most, for tokenizers where that is
+    bounded: 1 for byte-level BPE (every token covers at least one byte), 3 when an NFC
+    normalizer runs first (NFC makes a character at most three); None for the others."""
+    try:
+        spec = json.loads(backend.to_str())
+    except ValueError:
+        return None
+    if "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        return None
+    normalizer = spec.get("normalizer")
+    if normalizer is None:
+        return 1
+    if normalizer.get("type") == "NFC":
+        return 3
+    return None
 
 
 def _looks_like_template(text: str) -> bool:

@@ -35,6 +35,8 @@ import regex
 import tokenizers
 from tokenizers import pre_tokenizers
 
+from epp.token_budget import CHECK_EVERY, TokenBudget
+
 log = logging.getLogger(__name__)
 
 _category = unicodedata.category
@@ -194,6 +196,71 @@ class WordEncoder:
             return self._library(text, add_special_tokens=False).ids
         # As the library: tokens matched on the raw text first, normalized ones in the gaps.
         return self._cut(text, self._first, self._in_gap)
+
+    def encode_bounded(self, text: str, budget: TokenBudget) -> list[int]:
+        """:meth:`encode` within ``budget``: the same ids, or
+        :class:`~epp.token_budget.TokenLimitReached` /
+        :class:`~epp.token_budget.DeadlineReached` soon after the budget is spent. Words are
+        found one at a time, so a long text never becomes a list of all its words.
+
+        Text with code points newer than Python's tables goes to the library whole, as in
+        :meth:`encode`; the caller bounds its length (the EPP's character bound does).
+        """
+        if newer_unicode(text):
+            ids = self._library(text, add_special_tokens=False).ids
+            budget.check(len(ids))
+            return ids
+        out: list[int] = []
+
+        def plain(part: str) -> None:
+            self._plain_into(part, out, budget)
+
+        def gap(part: str) -> None:
+            self._cut_into(part, self._second, plain, out)
+
+        self._cut_into(text, self._first, gap, out)
+        budget.check(len(out))
+        return out
+
+    def _cut_into(
+        self,
+        text: str,
+        tokens: regex.Pattern[str] | None,
+        rest: Callable[[str], None],
+        out: list[int],
+    ) -> None:
+        if tokens is None:
+            rest(text)
+            return
+        pos = 0
+        for m in tokens.finditer(text):
+            if m.start() > pos:
+                rest(text[pos : m.start()])
+            out.append(self._added[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            rest(text[pos:])
+
+    def _plain_into(self, text: str, out: list[int], budget: TokenBudget) -> None:
+        """:meth:`_plain` appending to ``out``, checking ``budget`` as it goes."""
+        if self._nfc:
+            text = unicodedata.normalize("NFC", text)
+        cache = self._cache
+        word_ids = self._word
+        pos = 0
+        for n, m in enumerate(self._words.finditer(text), 1):
+            start, end = m.span()
+            if start > pos:  # a gap the expression left: it is a word of its own
+                out += word_ids(text[pos:start])
+            if end > start:
+                word = m.group()
+                ids = cache.get(word)
+                out += ids if ids is not None else word_ids(word)
+            pos = end
+            if n % CHECK_EVERY == 0:
+                budget.check(len(out))
+        if pos < len(text):
+            out += word_ids(text[pos:])
 
     def _in_gap(self, text: str) -> list[int]:
         return self._cut(text, self._second, self._plain)
