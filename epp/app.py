@@ -14,22 +14,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from epp import memory
 from epp import metrics as M
 from epp.datalayer.scraper import MetricsScraper
 from epp.director import Director, DirectorConfig, worker_label
 from epp.discovery.kv_sources import sync_event_sources
 from epp.discovery.static import EndpointsChange, EndpointsFileWatcher
 from epp.extproc.server import DEFAULT_MAX_MESSAGE, ExtProcServer, ServerConfig
+from epp.extproc.stream import StreamLimits
 from epp.kvevents.subscriber import KvEventSubscriber
 from epp.kvindex.index import KvIndex
 from epp.options import EppOptions
 from epp.pool import Pool
+from epp.preprocess import Preprocessor
 from epp.scheduling.config import ConfigError, load_scheduler
 from epp.scheduling.load import ActiveLoad
 from epp.scheduling.scheduler import Scheduler
@@ -37,6 +41,9 @@ from epp.tasks import cancel_and_wait
 from epp.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger("epp")
+
+SWITCH_INTERVAL = 0.0005
+"""The interpreter's thread switch interval while the EPP runs (Python's default is 5 ms)."""
 
 
 def _has_plugin(scheduler: Scheduler, plugin_type: str) -> bool:
@@ -63,6 +70,9 @@ class EppApp:
         self.watcher: EndpointsFileWatcher | None = None
         self.server: ExtProcServer | None = None
         self.director: Director | None = None
+        self.preprocessor: Preprocessor | None = None
+        self.trimmer = memory.Trimmer()
+        self.max_model_len: int | None = None
         self._http: web.AppRunner | None = None
         self.metrics_port = opts.metrics_port
         self._tasks: list[asyncio.Task[Any]] = []
@@ -71,6 +81,10 @@ class EppApp:
 
     async def start(self) -> None:
         opts = self.opts
+        memory.tune_allocator()
+        # The preprocessing threads hold the GIL for short Python steps; a shorter switch
+        # interval gets it back to the event loop within a millisecond when it needs it.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         tokenizer = None
         if opts.tokenizer:
             started = time.monotonic()
@@ -84,10 +98,14 @@ class EppApp:
                 "no --tokenizer: prompts given as text cannot be matched against the KV "
                 "cache (token-id prompts still are); routing falls back to load only"
             )
+        self.max_model_len = self._context_length(tokenizer)
         try:
             scheduler = load_scheduler(opts)
         except ConfigError as exc:
             raise StartupError(f"scheduling config: {exc}") from None
+        self.preprocessor = Preprocessor(
+            opts.preprocess_threads, opts.preprocess_queue, opts.preprocess_timeout
+        )
         self.subscriber = KvEventSubscriber(self.index)
         await self.subscriber.start()
         self.scraper = MetricsScraper(
@@ -112,7 +130,11 @@ class EppApp:
                 served_verifier=_has_plugin(scheduler, "destination-endpoint-served-verifier"),
                 prefix_text=_has_plugin(scheduler, "prefix-cache-scorer"),
                 decision_log_size=opts.decision_log_size,
+                max_json_depth=opts.max_json_depth,
+                max_model_len=self.max_model_len,
+                offload_body_bytes=opts.offload_body_bytes,
             ),
+            preprocessor=self.preprocessor,
         )
         if opts.endpoints_file:
             self.watcher = EndpointsFileWatcher(opts.endpoints_file, self._on_change)
@@ -137,12 +159,17 @@ class EppApp:
                 max_send=opts.grpc_max_send_msg_size or DEFAULT_MAX_MESSAGE,
                 health_on_grpc_port=opts.health_checking,
                 transport=opts.ext_proc_server,
+                limits=StreamLimits(
+                    max_body_bytes=opts.max_body_bytes, body_timeout=opts.request_body_timeout
+                ),
             ),
             self.is_serving,
+            after_large=self.trimmer.request,
         )
         await self.server.start()
         await self._start_http()
         self._tasks.append(asyncio.create_task(self._expire_loop(), name="load-expiry"))
+        self._tasks.append(asyncio.create_task(self._lag_probe(), name="loop-lag"))
         log.info(
             "kvpick EPP ready: %d endpoints, policy %s, block size %d",
             len(self.pool),
@@ -163,6 +190,8 @@ class EppApp:
             await self.subscriber.close()
         if self._http is not None:
             await self._http.cleanup()
+        if self.preprocessor is not None:
+            self.preprocessor.close()
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, drain, stop."""
@@ -181,6 +210,29 @@ class EppApp:
         )
         self.draining = True
         await self.stop()
+
+    def _context_length(self, tokenizer: Tokenizer | None) -> int | None:
+        """The context length prompts are checked against (see ``--max-model-len``)."""
+        opts = self.opts
+        if opts.max_model_len == 0:
+            log.info("prompt length check: off (--max-model-len 0)")
+            return None
+        if opts.max_model_len is not None:
+            log.info("prompt length check: %d tokens (--max-model-len)", opts.max_model_len)
+            return opts.max_model_len
+        if tokenizer is not None and tokenizer.max_model_len is not None:
+            log.info(
+                "prompt length check: %d tokens (the model's %s; set --max-model-len to the "
+                "engines' own if they use a shorter one)",
+                tokenizer.max_model_len,
+                tokenizer.max_model_len_source,
+            )
+            return tokenizer.max_model_len
+        log.warning(
+            "prompt length check: off (no --max-model-len, and the model folder states no "
+            "context length); prompts are bounded by --max-body-bytes only"
+        )
+        return None
 
     def is_serving(self, _service: str) -> bool:
         return self.synced and not self.draining
@@ -210,6 +262,19 @@ class EppApp:
             len(change.removed),
             len(change.changed),
         )
+
+    async def _lag_probe(self, period: float = 0.01) -> None:
+        """Measures how late the loop wakes up (``kvpick_event_loop_lag_seconds``)."""
+        loop = asyncio.get_running_loop()
+        worst = 0.0
+        while True:
+            due = loop.time() + period
+            await asyncio.sleep(period)
+            lag = max(0.0, loop.time() - due)
+            M.LOOP_LAG.observe(lag)
+            if lag > worst:
+                worst = lag
+                M.LOOP_LAG_MAX.set(lag)
 
     async def _expire_loop(self) -> None:
         while True:
@@ -255,6 +320,7 @@ class EppApp:
                     "worker": worker_label(worker, ep.dp_size),
                     "role": ep.role,
                     "engine": ep.engine,
+                    "reachable": self.scraper is None or not self.scraper.unreachable(worker[0]),
                     "cached_blocks": self.index.block_count(worker)
                     if self.index.has_worker(worker)
                     else 0,

@@ -14,6 +14,17 @@ The :class:`Director` implements :class:`epp.extproc.stream.Router`. Per request
 The response-phase hooks mark prefill done at the first byte and free the booking at the
 end, whatever the end is (each booking is freed exactly once: :class:`ActiveLoad` ignores a
 second free).
+
+Steps 1–2 are the CPU-heavy part and depend on nothing but the request; steps 3–5 read and
+change the index and the bookkeeping, which belong to the event loop. A request whose body
+is larger than ``offload_body_bytes`` therefore has steps 1–2 done in the
+:class:`~epp.preprocess.Preprocessor`'s threads (:meth:`Director.route` returns an awaitable
+then), and only steps 3–5 on the loop; smaller ones are routed in one go, which is cheaper
+than a hand-off between threads.
+
+Limits: a body nested deeper than ``max_json_depth`` is refused before it is decoded, and a
+prompt that cannot fit ``max_model_len`` gets vLLM's 400 before it is routed or booked
+(:mod:`epp.context_length`), tokenized no further than needed to know.
 """
 
 from __future__ import annotations
@@ -21,21 +32,23 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from epp import hashing
+from epp import context_length, hashing
 from epp import headers as H
 from epp import metrics as M
+from epp.context_length import PromptTooLong
 from epp.datalayer.scraper import MetricsScraper
 from epp.decisions import CandidateRecord, DecisionLog, DecisionRecord, Ranked
-from epp.extproc.stream import RequestInfo, Routed, RoutingError
+from epp.extproc.stream import RequestInfo, Routed, RoutingError, encode_body
 from epp.kvindex.index import KvIndex, Overlap
 from epp.openai_request import ParsedRequest, RequestError, parse_request
 from epp.pool import AddressFilter, Pool
+from epp.preprocess import PoolFull, Preprocessor
 from epp.response_usage import Usage
 from epp.scheduling.load import ActiveLoad, Booking
 from epp.scheduling.scheduler import Decision, Scheduler
@@ -47,6 +60,7 @@ from epp.scheduling.types import (
     SchedulingRequest,
     Worker,
 )
+from epp.token_budget import DeadlineReached, TokenBudget
 from epp.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger("epp.decisions")
@@ -94,6 +108,25 @@ class DirectorConfig:
     prefix_text: bool = True
     """Build the prompt's text form for the scheduler (only the ``prefix-cache-scorer``
     reads it)."""
+    max_json_depth: int = 128
+    """Bodies nested deeper are refused with 400 before they are decoded."""
+    max_model_len: int | None = None
+    """The model's context length; a prompt that cannot fit gets 400. None: no check."""
+    offload_body_bytes: int = 64 * 1024
+    """Bodies larger than this are parsed and tokenized in the preprocessing pool."""
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """The request-only part of a decision (steps 1–2), computable in any thread."""
+
+    parsed: ParsedRequest
+    token_ids: Sequence[int] | None
+    request: SchedulingRequest
+    body: bytes | bytearray | None = None
+    """The body to forward, when it was built with the rest (preprocessing threads do)."""
+    body_messages: list[bytes] | None = None
+    """``body`` encoded for the gateway, likewise."""
 
 
 @dataclass(slots=True)
@@ -143,8 +176,10 @@ class Director:
         scraper: MetricsScraper | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        preprocessor: Preprocessor | None = None,
     ) -> None:
         self.pool = pool
+        self.preprocessor = preprocessor
         self.index = index
         self.load = load
         self.scheduler = scheduler
@@ -162,6 +197,12 @@ class Director:
 
     def _eligible(self, info: RequestInfo) -> list[tuple[Worker, Any]]:
         workers = self.pool.workers()
+        scraper = self.scraper
+        if scraper is not None:
+            # A model server its scraper cannot reach is down: requests sent there would
+            # fail, so it is no candidate until it answers again.
+            unreachable = scraper.unreachable
+            workers = [(w, ep) for w, ep in workers if not unreachable(w[0])]
         if self.config.testing_filter:
             wanted = info.headers.get(H.TEST_ENDPOINT_SELECTION)
             selection = AddressFilter((wanted or "").split(","))
@@ -177,7 +218,7 @@ class Director:
 
     # ---------------------------------------------------------------- route
 
-    def route(self, info: RequestInfo) -> Routed:
+    def route(self, info: RequestInfo) -> Routed | Awaitable[Routed]:
         started = self.clock()
         workers = self._eligible(info)
         if not workers:
@@ -185,9 +226,52 @@ class Director:
             raise RoutingError(503, "no ready endpoint for this request")
         if info.body is None:
             return self._route_bodyless(info, workers)
+        scraper = self.scraper
+        # Read once: the LoRA check and the candidates both need them.
+        metrics = [scraper.get(w) if scraper is not None else None for w, _ep in workers]
+        if self.preprocessor is not None and len(info.body) > self.config.offload_body_bytes:
+            return self._route_later(info, started, metrics)
+        prepared = self._prepare(info, metrics, None)
+        return self._decide(info, prepared, workers, metrics, started)
+
+    async def _route_later(
+        self, info: RequestInfo, started: float, metrics: list[EndpointMetrics | None]
+    ) -> Routed:
+        assert self.preprocessor is not None
         try:
-            parsed = parse_request(info.path, info.body)
+            prepared = await self.preprocessor.run(
+                lambda budget: self._prepare(info, metrics, budget)
+            )
+        except PoolFull as exc:
+            M.REQUEST_ERRORS.labels("", "", "ResourceExhausted").inc()
+            raise RoutingError(429, str(exc)) from None
+        except DeadlineReached as exc:
+            M.REQUEST_ERRORS.labels("", "", "GatewayTimeout").inc()
+            raise RoutingError(504, str(exc)) from None
+        # The pool may have changed while the request was prepared.
+        workers = self._eligible(info)
+        if not workers:
+            M.REQUEST_ERRORS.labels("", "", "ServiceUnavailable").inc()
+            raise RoutingError(503, "no ready endpoint for this request")
+        scraper = self.scraper
+        metrics = [scraper.get(w) if scraper is not None else None for w, _ep in workers]
+        return self._decide(info, prepared, workers, metrics, started)
+
+    def _prepare(
+        self,
+        info: RequestInfo,
+        metrics: list[EndpointMetrics | None],
+        budget: TokenBudget | None,
+    ) -> _Prepared:
+        """Steps 1–2: parse, check, tokenize, hash (and, in a preprocessing thread, build
+        the forwarded body). Reads only the request and this director's fixed settings, so
+        it may run in any thread; ``budget`` carries the pool's deadline."""
+        assert info.body is not None
+        try:
+            parsed = parse_request(info.path, info.body, max_json_depth=self.config.max_json_depth)
         except RequestError as exc:
+            if exc.limit is not None:
+                M.LIMIT_REFUSALS.labels(exc.limit).inc()
             M.REQUEST_ERRORS.labels("", "", "BadRequest").inc()
             raise RoutingError(exc.status, exc.reason) from None
         model = parsed.model
@@ -197,11 +281,33 @@ class Director:
                 400,
                 f"model {model!r} is not served here (served: {', '.join(sorted(self._served))})",
             )
-        token_ids = self._tokens(parsed)
-        scraper = self.scraper
-        # Read once: the LoRA check and the candidates both need them.
-        metrics = [scraper.get(w) if scraper is not None else None for w, _ep in workers]
+        token_ids = self._tokens(parsed, budget)
         req = self._scheduling_request(info, parsed, token_ids, self._lora_name(model, metrics))
+        prepared = _Prepared(parsed, token_ids, req)
+        if budget is not None:
+            # Off the loop, everything the body costs is done here, its encoding included.
+            forwarded = self._forwarded_body(parsed, token_ids, info.body)
+            # Neither the document nor (when a new body was built) the original is read
+            # again: letting them go now keeps a large request's peak memory near twice
+            # its body, not four times (RequestInfo.body's contract allows it).
+            parsed.body = {}
+            prepared.body = info.body if forwarded is None else forwarded
+            info.body = None
+            del forwarded
+            prepared.body_messages = encode_body(prepared.body)
+        return prepared
+
+    def _decide(
+        self,
+        info: RequestInfo,
+        prepared: _Prepared,
+        workers: list[tuple[Worker, Any]],
+        metrics: list[EndpointMetrics | None],
+        started: float,
+    ) -> Routed:
+        """Steps 3–5, on the event loop: candidates, schedule, book, answer."""
+        req = prepared.request
+        model = prepared.parsed.model
         matches = self.index.find_matches(req.block_keys) if len(req.block_keys) else None
         candidates = []
         view = self.load.view
@@ -228,7 +334,7 @@ class Director:
             M.REQUEST_ERRORS.labels(model, model, code).inc()
             raise RoutingError(exc.status, exc.reason) from None
         self.scheduler.after_pick(req, decision)
-        routed = self._apply(info, parsed, req, token_ids, decision)
+        routed = self._apply(info, prepared, decision)
         elapsed = (self.clock() - started) * 1000.0
         M.SCHEDULER_E2E.observe(elapsed / 1000.0)
         M.REQUESTS.labels(model, model, str(req.priority)).inc()
@@ -244,40 +350,82 @@ class Director:
             destination=worker[0], set_headers=self._worker_headers(worker), state=exchange
         )
 
-    def _tokens(self, parsed: ParsedRequest) -> Sequence[int] | None:
+    def _tokens(self, parsed: ParsedRequest, budget: TokenBudget | None) -> Sequence[int] | None:
+        """The prompt's token ids (None when there is no single prompt to match, or no
+        tokenizer for a text prompt); a prompt that cannot fit the context is a 400."""
         body = parsed.body
         # vLLM's request field; its default differs by API (true for completions, false
         # for chat, whose template writes the special tokens itself).
         special = _lax_bool(body.get("add_special_tokens"), "add_special_tokens")
+        max_len = self.config.max_model_len
+        if max_len is not None and parsed.max_tokens is not None and parsed.max_tokens > max_len:
+            M.LIMIT_REFUSALS.labels("context_length").inc()
+            raise RoutingError(
+                400, context_length.output_refusal(max_len, parsed.max_tokens, "max_tokens")
+            )
+        limit = None if max_len is None else context_length.input_limit(max_len, parsed.max_tokens)
+        if limit is not None:
+            budget = (
+                TokenBudget(limit)
+                if budget is None
+                else TokenBudget(limit, budget.deadline, budget.cancelled)
+            )
+        tok = self.tokenizer
         try:
             if parsed.api == "completions":
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-                    return prompt
-                if isinstance(prompt, str) and self.tokenizer is not None:
-                    return self.tokenizer.encode_prompt(
-                        prompt, add_special_tokens=True if special is None else special
-                    )
-                return None  # batches of prompts: no single prefix to match
-            if self.tokenizer is None:
+                return self._completion_tokens(body.get("prompt"), special, budget)
+            if tok is None:
                 return None
             if parsed.api == "chat":
-                return self.tokenizer.encode_chat(
+                return tok.encode_chat(
                     body["messages"],
                     tools=body.get("tools"),
                     add_generation_prompt=bool(body.get("add_generation_prompt", True)),
                     continue_final_message=bool(body.get("continue_final_message", False)),
                     chat_template_kwargs=body.get("chat_template_kwargs"),
                     add_special_tokens=bool(special),
+                    budget=budget,
                 )
             if parsed.api == "responses":
-                return self.tokenizer.encode_responses_input(
-                    body.get("input"), body.get("instructions")
+                return tok.encode_responses_input(
+                    body.get("input"), body.get("instructions"), budget=budget
                 )
+        except PromptTooLong as exc:
+            assert max_len is not None
+            M.LIMIT_REFUSALS.labels("context_length").inc()
+            raise RoutingError(
+                400, context_length.refusal(max_len, parsed.max_tokens, exc)
+            ) from None
+        except DeadlineReached:
+            raise
         except (TokenizerError, TypeError, ValueError) as exc:
             # TypeError/ValueError: request fields of the wrong shape reaching the template
             # (e.g. chat_template_kwargs that is not an object); the client's fault, not ours.
             raise RoutingError(400, f"cannot apply the chat template: {exc}") from None
+        return None
+
+    def _completion_tokens(
+        self, prompt: Any, special: bool | None, budget: TokenBudget | None
+    ) -> Sequence[int] | None:
+        add = True if special is None else special
+        tok = self.tokenizer
+        limit = None if budget is None else budget.limit
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            if limit is not None and len(prompt) > limit:
+                raise PromptTooLong(tokens=len(prompt))
+            return prompt
+        if isinstance(prompt, str):
+            if tok is None:
+                return None
+            return tok.encode_prompt(prompt, add_special_tokens=add, budget=budget)
+        # A batch of prompts: no single prefix to match, but each must fit.
+        if limit is not None and isinstance(prompt, list):
+            for item in prompt:
+                if isinstance(item, list):
+                    if len(item) > limit:
+                        raise PromptTooLong(tokens=len(item))
+                elif tok is not None and isinstance(item, str):
+                    tok.check_length(item, add_special_tokens=add, budget=budget)
         return None
 
     def _lora_name(self, model: str, metrics: list[EndpointMetrics | None]) -> str | None:
@@ -347,14 +495,8 @@ class Director:
             (H.DP_RANK, str(worker[1])),
         ]
 
-    def _apply(
-        self,
-        info: RequestInfo,
-        parsed: ParsedRequest,
-        req: SchedulingRequest,
-        token_ids: Sequence[int] | None,
-        decision: Decision,
-    ) -> Routed:
+    def _apply(self, info: RequestInfo, prepared: _Prepared, decision: Decision) -> Routed:
+        req = prepared.request
         targets = decision.decode.targets
         primary = targets[0]
         addresses: list[str] = []
@@ -408,17 +550,51 @@ class Director:
                     prefill=True,
                 )
             )
-        body = None
-        if self.config.token_data and token_ids is not None:
-            # The parsed body is this request's own object and is not read again: extend it
-            # in place rather than copying it (or the token ids) first.
-            doc = parsed.body
-            nvext = doc.get("nvext")
-            if not isinstance(nvext, dict):
-                nvext = doc["nvext"] = {}
-            nvext["token_data"] = token_ids
-            body = _encode_json(doc)
-        return Routed(destination=destination, set_headers=set_headers, body=body, state=exchange)
+        body = prepared.body
+        if body is None and info.body is not None:
+            body = self._forwarded_body(prepared.parsed, prepared.token_ids, info.body)
+        return Routed(
+            destination=destination,
+            set_headers=set_headers,
+            body=body,
+            state=exchange,
+            body_messages=prepared.body_messages,
+        )
+
+    def _forwarded_body(
+        self,
+        parsed: ParsedRequest,
+        token_ids: Sequence[int] | None,
+        original: bytes | bytearray,
+    ) -> bytes | None:
+        """The body with the prompt's ids in ``nvext.token_data``; None to pass it as is.
+
+        Without an ``nvext`` of its own, the client's bytes are kept and the field appended
+        before the closing brace (the rest of the body is not encoded again, which for a
+        large body is most of the work); otherwise the document is encoded anew."""
+        if not self.config.token_data or token_ids is None:
+            return None
+        doc = parsed.body
+        if "nvext" not in doc:
+            end = len(original)
+            while end and original[end - 1] in b" \t\r\n":
+                end -= 1
+            if end and original[end - 1] == 0x7D:  # b"}": what a parsed object ends with
+                return b"".join(
+                    (
+                        memoryview(original)[: end - 1],
+                        b',"nvext":{"token_data":' if doc else b'"nvext":{"token_data":',
+                        _encode_json(token_ids),
+                        b"}}",
+                    )
+                )
+        # The parsed body is this request's own object and is not read again: extend it in
+        # place rather than copying it (or the token ids) first.
+        nvext = doc.get("nvext")
+        if not isinstance(nvext, dict):
+            nvext = doc["nvext"] = {}
+        nvext["token_data"] = token_ids
+        return _encode_json(doc)
 
     # ------------------------------------------------------------- logging
 

@@ -52,6 +52,25 @@ STEERING = (
     "x-encoder-hosts-ports",
 )
 
+# Whole header families the EPP owns: any client-sent header that starts with one of these is
+# removed (or overwritten by the EPP's own value), whatever gateway is in front, so that no
+# spelling of a routing header the EPP did not set reaches a model server or its sidecar.
+STEERING_PREFIXES = (
+    "x-gateway-destination-endpoint",
+    "x-dynamo-",
+    "x-prefiller-",
+    "x-prefill-",
+    "x-data-parallel-",
+)
+_STEERING = frozenset(STEERING)
+
+
+def is_steering(name: str) -> bool:
+    """Whether a (lower-case) request header name is one the EPP owns (see
+    :data:`STEERING` and :data:`STEERING_PREFIXES`)."""
+    return name in _STEERING or name.startswith(STEERING_PREFIXES)
+
+
 # Conformance hooks (specs/epp-protocol.md §7).
 TEST_ENDPOINT_SELECTION = "test-epp-endpoint-selection"
 CONFORMANCE_SERVED = "x-conformance-test-served-endpoint"

@@ -112,3 +112,46 @@ SERVED_MISMATCH = Counter(
     "Responses served by another endpoint than the one picked (gateway retries); the "
     "booked load moved to the serving endpoint.",
 )
+
+# --- Request limits and the preprocessing pool (docs/operations.md lists what each protects).
+LIMIT_REFUSALS = Counter(
+    "kvpick_request_limit_refusals",
+    "Requests the EPP refused because they passed one of its limits, by limit: body_bytes "
+    "(413), body_timeout (408), json_depth (400), context_length (400), preprocess_queue "
+    "(429) or preprocess_timeout (504).",
+    ["limit"],
+)
+for _limit in (
+    "body_bytes",
+    "body_timeout",
+    "json_depth",
+    "context_length",
+    "preprocess_queue",
+    "preprocess_timeout",
+):
+    LIMIT_REFUSALS.labels(_limit)  # exported at 0, so rate() works before the first one
+PREPROCESS_JOBS = Gauge(
+    "kvpick_preprocess_jobs",
+    "Large requests being parsed and tokenized in the preprocessing threads, or waiting "
+    "for one, by state (running, queued).",
+    ["state"],
+)
+PREPROCESS_DURATION = Histogram(
+    "kvpick_preprocess_duration_seconds",
+    "Time a large request spent in the preprocessing pool, queueing included.",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
+)
+EXTPROC_STREAMS = Gauge(
+    "kvpick_extproc_streams",
+    "ext_proc streams open now (one per HTTP request the gateway is processing).",
+)
+LOOP_LAG = Histogram(
+    "kvpick_event_loop_lag_seconds",
+    "How late the event loop ran a callback scheduled 10 ms ahead, sampled continuously: "
+    "the time any ext_proc message or KV event could have waited for the loop.",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+)
+LOOP_LAG_MAX = Gauge(
+    "kvpick_event_loop_lag_max_seconds",
+    "The largest event-loop lag seen since the EPP started.",
+)

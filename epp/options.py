@@ -143,6 +143,7 @@ G_LOG = "Logging"
 G_TOKENS = "kvpick: tokenization and KV events"
 G_COST = "kvpick: scheduling and cost"
 G_LOAD = "kvpick: load bookkeeping and overload"
+G_LIMITS = "kvpick: request limits"
 G_DIAG = "kvpick: diagnostics"
 G_COMPAT = "Accepted for compatibility with the reference EPP and ignored"
 GROUPS: tuple[str, ...] = (
@@ -154,6 +155,7 @@ GROUPS: tuple[str, ...] = (
     G_TOKENS,
     G_COST,
     G_LOAD,
+    G_LIMITS,
     G_DIAG,
     G_COMPAT,
 )
@@ -333,6 +335,32 @@ FLAGS: tuple[FlagSpec, ...] = (
     _own("max-num-batched-tokens", "int", "max_num_batched_tokens", 8192, G_LOAD,
          "the engines' per-step token budget (for --busy-prefill-tokens-frac)", metavar="N",
          lo=1),
+    # --- kvpick: request limits ----------------------------------------------------------------
+    _own("max-body-bytes", "size", "max_body_bytes", 10_000_000, G_LIMITS,
+         "largest request body accepted; a larger one gets 413 as soon as it passes this, "
+         "without being buffered; 0: no limit", metavar="SIZE", lo=0, none_if_zero=True,
+         shown="10MB"),
+    _own("request-body-timeout", "seconds", "request_body_timeout", 60.0, G_LIMITS,
+         "a request body not complete this long after its headers gets 408; 0: no limit",
+         metavar="DURATION", lo=0, none_if_zero=True),
+    _own("max-json-depth", "int", "max_json_depth", 128, G_LIMITS,
+         "deepest nesting of objects and arrays in a request body; deeper gets 400",
+         metavar="N", lo=1),
+    _own("max-model-len", "int", "max_model_len", None, G_LIMITS,
+         "the model's context length: a prompt that cannot fit (with the request's max "
+         "tokens) gets vLLM's 400 before routing; 0: no check", metavar="N", lo=0,
+         shown="from the model's config.json, else tokenizer_config.json"),
+    _own("offload-body-bytes", "size", "offload_body_bytes", 65_536, G_LIMITS,
+         "requests with a larger body are parsed and tokenized in the preprocessing threads, "
+         "off the event loop; 0: all of them", metavar="SIZE", lo=0, shown="64KiB"),
+    _own("preprocess-threads", "int", "preprocess_threads", 2, G_LIMITS,
+         "threads that parse and tokenize large requests", metavar="N", lo=1, hi=64),
+    _own("preprocess-queue", "int", "preprocess_queue", 32, G_LIMITS,
+         "large requests that may wait for a preprocessing thread; more get 429",
+         metavar="N", lo=0),
+    _own("preprocess-timeout", "seconds", "preprocess_timeout", 10.0, G_LIMITS,
+         "time budget of a large request in the preprocessing pool, waiting included; "
+         "beyond it the request gets 504", metavar="DURATION", lo=0, lo_open=True),
     # --- kvpick: diagnostics -----------------------------------------------------------------
     _own("decision-log-size", "int", "decision_log_size", 256, G_DIAG,
          "recent routing decisions kept for the debug endpoint (0: none)", metavar="N", lo=0),
@@ -662,6 +690,15 @@ class EppOptions:
     busy_prefill_tokens: int | None = None
     busy_prefill_tokens_frac: float | None = None
     max_num_batched_tokens: int = 8192
+    # Request limits.
+    max_body_bytes: int | None = 10_000_000
+    request_body_timeout: float | None = 60.0
+    max_json_depth: int = 128
+    max_model_len: int | None = None
+    offload_body_bytes: int = 65_536
+    preprocess_threads: int = 2
+    preprocess_queue: int = 32
+    preprocess_timeout: float = 10.0
     # Diagnostics.
     decision_log_size: int = 256
     # What the parser saw.

@@ -44,9 +44,11 @@ class GatewayConfig:
     """False routes on the client's own destination header, with no EPP: the baseline the
     EPP's added latency is measured against (and a demonstration of why the EPP must
     always overwrite that header)."""
-    buffer_limit_bytes: int = 64 << 20
-    """Largest request body a BUFFERED gateway holds (Envoy's default, 1 MiB, answers 413
-    to longer prompts)."""
+    buffer_limit_bytes: int = 11 << 20
+    """Largest request body Envoy holds for the request (its default, 1 MiB, answers 413 to
+    longer prompts). Set just above the EPP's default ``--max-body-bytes`` (10 MB), so that
+    a longer body gets the EPP's 413 and its reason, and Envoy never holds more than that;
+    raise the two together."""
     subset_hint: tuple[str, ...] | None = None
     """Endpoints to offer the EPP as the ``envoy.lb.subset_hint`` metadata on every request
     (what a gateway with endpoint subsetting sends); None sends no hint."""

@@ -10,6 +10,10 @@
   keep-alive connection per endpoint, reused across polls), responses are asked for
   uncompressed plain text, and only the engine's wanted sample names are parsed
   (:func:`epp.datalayer.prom_text.parse`).
+* **Reachability**: :meth:`MetricsScraper.unreachable` says whether an endpoint's latest
+  poll failed to reach it (connection refused or reset, timeout); request handling leaves
+  such endpoints out of the candidates until a poll reaches them again (failing polls are
+  retried at least every ``max_backoff`` seconds, 1 s by default).
 * **Failures keep the last good values**: a connection error, timeout, non-200 status,
   body over ``max_body_bytes`` or a body without the engine's metrics counts in
   ``kvpick_metrics_scrape_errors_total{reason}`` and leaves each rank's previous values in
@@ -61,6 +65,7 @@ for _reason in _REASONS:
 # cluster network.
 _HEADERS = {"Accept": "text/plain;version=0.0.4", "Accept-Encoding": "identity"}
 _OK = "ok"
+_UNREACHABLE = frozenset({"connect", "timeout"})
 
 UpdateHook = Callable[[str, dict[int, EndpointMetrics]], None]
 """Called after each good scrape with the endpoint address and its ranks' new values."""
@@ -166,6 +171,13 @@ class MetricsScraper:
         if self._clock() - metrics.scraped_at > self._staleness:
             return dataclasses.replace(metrics, stale=True)
         return metrics
+
+    def unreachable(self, address: str) -> bool:
+        """Whether the endpoint's latest poll could not reach it at all (connection refused
+        or reset, or no answer in time): a server that is down, whose requests would fail.
+        An endpoint never polled yet, or answering with errors or odd metrics, is not."""
+        entry = self._endpoints.get(address)
+        return entry is not None and entry.state in _UNREACHABLE
 
     def state(self, address: str) -> str | None:
         """``"new"`` before the first poll ends, ``"ok"`` after a good one, else the reason

@@ -18,10 +18,17 @@ What it implements (RFC 9113 and the gRPC-over-HTTP/2 wire format), and what it 
   unknown method gets UNIMPLEMENTED, a handler that raises gets INTERNAL;
 * every stream's handler is closed exactly once: on the client's end of stream, on
   RST_STREAM, or when the connection is lost;
-* protocol violations close the connection with GOAWAY and the right error code.
+* protocol violations close the connection with GOAWAY and the right error code;
+* bounded work per turn of the event loop: at most :data:`TURN_BYTES` of frames are parsed
+  and at most as much written per connection before the loop serves others (reading pauses
+  meanwhile, so the peer is held back by TCP and HTTP/2 flow control, not by buffering
+  here).
 
 Handlers are synchronous: ``handle(bytes)`` returns the messages to send back, and
-``close()`` releases the stream. :class:`epp.extproc.stream.ExtProcStream` is one.
+``close()`` releases the stream. A handler factory is given the stream's ``emit`` callback,
+through which the handler sends messages later, from another event-loop callback (a reply
+computed off the loop, a timeout); ``emit`` on a stream or connection that has ended does
+nothing. :class:`epp.extproc.stream.ExtProcStream` is such a handler.
 """
 
 from __future__ import annotations
@@ -66,6 +73,10 @@ OUR_MAX_FRAME = 1 << 20
 """Larger DATA frames from the peer mean fewer frames to parse for a big body."""
 MAX_HEADER_BLOCK = 256 * 1024
 MAX_STREAMS = 10_000
+TURN_BYTES = 256 * 1024
+"""Bytes of frames one connection reads, and separately writes, per turn of the event loop;
+the rest waits for the next turn, so that one connection's large body costs other
+connections at most about a millisecond at a time."""
 
 
 class StreamHandler(Protocol):
@@ -74,7 +85,9 @@ class StreamHandler(Protocol):
     def close(self) -> None: ...
 
 
-HandlerFactory = Callable[[], StreamHandler]
+Emit = Callable[[Sequence[bytes]], None]
+HandlerFactory = Callable[[Emit], StreamHandler]
+"""Makes the handler of a new stream; the argument sends that stream's later replies."""
 
 
 class ConnectionError_(Exception):
@@ -193,6 +206,9 @@ class H2Connection(asyncio.Protocol):
         self._blocked: dict[int, _Stream] = {}  # streams with output waiting for window
         self._going_away = False
         self._closed = False
+        self._input_backlog = False  # frames left unparsed until the next turn
+        self._output_due = False  # output left for the next turn
+        self._turn_out = 0  # bytes of frames written this turn
 
     # ------------------------------------------------------------- transport
 
@@ -224,10 +240,27 @@ class H2Connection(asyncio.Protocol):
             self._close_handler(st)
 
     def data_received(self, data: bytes) -> None:
+        if self._input_backlog:
+            self._inbuf += data  # parsed in turn, after what came first
+            return
+        self._turn_out = 0
+        self._parse(data)
+
+    def _continue_input(self) -> None:
+        if self._closed:
+            return
+        self._input_backlog = False
+        self._turn_out = 0
+        self._parse(b"")
+        if not self._input_backlog and self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+
+    def _parse(self, data: bytes) -> None:
         # Frames are sliced straight out of ``data``; only a partial frame left over from
-        # the previous read makes the connection buffer bytes.
+        # the previous read (or a backlog) makes the connection buffer bytes.
         leftover = self._inbuf
         buf = _continued(leftover, data)
+        budget = TURN_BYTES
         try:
             if not self._preface_seen:
                 if len(buf) < len(PREFACE):
@@ -244,6 +277,9 @@ class H2Connection(asyncio.Protocol):
                 pos = 0
             end = len(buf)
             while end - pos >= 9:
+                if budget <= 0:
+                    self._defer_input()
+                    break
                 length = buf[pos] << 16 | buf[pos + 1] << 8 | buf[pos + 2]
                 if length > OUR_MAX_FRAME:
                     raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes")
@@ -254,6 +290,7 @@ class H2Connection(asyncio.Protocol):
                 sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
                 payload = buf[pos + 9 : pos + 9 + length]
                 pos += 9 + length
+                budget -= 9 + length
                 self._frame(ftype, flags, sid, bytes(payload) if buf is leftover else payload)
                 if self._closed:
                     return
@@ -264,6 +301,13 @@ class H2Connection(asyncio.Protocol):
         except ConnectionError_ as exc:
             self._fail(exc.code, str(exc))
         self._flush()
+
+    def _defer_input(self) -> None:
+        """This turn's reading is done: stop reading and go on with the rest next turn."""
+        self._input_backlog = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._continue_input)
 
     def _flush(self) -> None:
         if self._out and self._transport is not None and not self._closed:
@@ -394,7 +438,7 @@ class H2Connection(asyncio.Protocol):
             self._finish(st, GRPC_UNIMPLEMENTED, why)
         else:
             try:
-                st.handler = factory()
+                st.handler = factory(lambda replies, st=st: self._emit(st, replies))
             except Exception:
                 log.exception("stream handler could not be created")
                 self._finish(st, GRPC_INTERNAL, "internal error")
@@ -466,6 +510,18 @@ class H2Connection(asyncio.Protocol):
             log.exception("ext_proc stream %d failed", st.id)
             self._finish(st, GRPC_INTERNAL, "internal error")
             return
+        self._send_replies(st, replies)
+
+    def _emit(self, st: _Stream, replies: Sequence[bytes]) -> None:
+        """A handler's replies sent outside ``handle`` (see the module docstring)."""
+        if self._closed or st.closed_local or st.handler is None:
+            return
+        if not self._output_due:
+            self._turn_out = 0
+        self._send_replies(st, replies)
+        self._flush()
+
+    def _send_replies(self, st: _Stream, replies: Sequence[bytes]) -> None:
         limit = self._server.max_send
         for reply in replies:
             if limit is not None and len(reply) > limit:
@@ -554,27 +610,50 @@ class H2Connection(asyncio.Protocol):
             self._blocked[st.id] = st
 
     def _write_data(self, st: _Stream, data: bytes) -> bytes:
-        """Writes as much of ``data`` as the windows allow; returns what is left."""
-        if len(data) <= min(self._conn_send_window, st.send_window, self._peer_max_frame):
+        """Writes as much of ``data`` as the windows and this turn's output budget allow;
+        returns what is left."""
+        room_now = TURN_BYTES - self._turn_out
+        if len(data) <= min(self._conn_send_window, st.send_window, self._peer_max_frame, room_now):
             self._out.append(_frame(DATA, 0, st.id, data))  # the usual case: one frame
             self._conn_send_window -= len(data)
             st.send_window -= len(data)
+            self._turn_out += len(data)
             return b""
         view = memoryview(data)  # frames are cut from a view: no copy of the remainder
         pos, end = 0, len(data)
         while pos < end:
+            if self._turn_out >= TURN_BYTES:
+                self._defer_output()
+                return data[pos:]
             room = min(self._conn_send_window, st.send_window, self._peer_max_frame, end - pos)
             if room <= 0:
                 return data[pos:]
             self._out.append(_frame(DATA, 0, st.id, view[pos : pos + room]))
             self._conn_send_window -= room
             st.send_window -= room
+            self._turn_out += room
             pos += room
         return b""
+
+    def _defer_output(self) -> None:
+        if not self._output_due:
+            self._output_due = True
+            asyncio.get_running_loop().call_soon(self._continue_output)
+
+    def _continue_output(self) -> None:
+        self._output_due = False
+        if self._closed:
+            return
+        self._turn_out = 0
+        self._drain_pending()
+        self._flush()
 
     def _drain_pending(self) -> None:
         for st in list(self._blocked.values()):
             while st.pending:
+                if self._turn_out >= TURN_BYTES:
+                    self._defer_output()
+                    return
                 data, trailers = st.pending[0]
                 if trailers:
                     st.pending.pop(0)
@@ -589,6 +668,8 @@ class H2Connection(asyncio.Protocol):
                 del self._blocked[st.id]
                 if st.closed_local and st.remote_ended:
                     self._streams.pop(st.id, None)
+            elif self._output_due:
+                return  # the budget ran out inside this stream's output
 
     def _finish(self, st: _Stream, code: int, message: str) -> None:
         """Send the stream's trailers (trailers-only when no message went out) and close

@@ -12,15 +12,16 @@ because the per-message cost bounds how many token streams one EPP relays.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from epp.extproc import cert_watch, h2server, health, tls
-from epp.extproc.stream import ExtProcStream, Router
+from epp.extproc.stream import ExtProcStream, Router, StreamLimits
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class ServerConfig:
     cert_reload: bool = False
     """Serve new certificates written to ``cert_path`` (``--enable-cert-reload``)."""
     cert_reload_interval: float = cert_watch.DEFAULT_INTERVAL
+    limits: StreamLimits = field(default_factory=StreamLimits)
+    """Request body limits applied on every ext_proc stream."""
 
 
 TRANSPORTS = ("h2", "grpcio")
@@ -69,19 +72,51 @@ class _HealthCall:
         pass
 
 
-def process_handler(router: Router) -> grpc.GenericRpcHandler:
-    """The ``ExternalProcessor/Process`` handler, one :class:`ExtProcStream` per call."""
+def process_handler(
+    router: Router,
+    limits: StreamLimits | None = None,
+    after_large: Callable[[], None] | None = None,
+) -> grpc.GenericRpcHandler:
+    """The ``ExternalProcessor/Process`` handler, one :class:`ExtProcStream` per call.
+
+    Requests are read by a task of their own, so that replies the stream emits later (a
+    routing finished off the event loop, a body timeout) go out without waiting for the
+    gateway's next message; every reply passes through one queue, in the stream's order.
+    """
 
     async def process(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        stream = ExtProcStream(router)
-        handle = stream.handle
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        put = out.put_nowait
+
+        def emit(replies: Sequence[bytes]) -> None:
+            for reply in replies:
+                put(reply)
+            if ended and not stream.pending:
+                put(None)
+
+        ended = False
+        stream = ExtProcStream(router, limits, emit, after_large)
+
+        async def read() -> None:
+            nonlocal ended
+            try:
+                async for data in requests:
+                    for reply in stream.handle(data):
+                        put(reply)
+            finally:
+                ended = True
+                if not stream.pending:
+                    put(None)  # the gateway is done and nothing is still being decided
+
+        reader = asyncio.ensure_future(read())
         try:
-            async for data in requests:
-                for out in handle(data):
-                    yield out
+            while (reply := await out.get()) is not None:
+                yield reply
+            await reader  # re-raises what ended the request stream, if anything did
         finally:
+            reader.cancel()
             stream.close()
 
     return grpc.method_handlers_generic_handler(
@@ -93,9 +128,15 @@ class ExtProcServer:
     """The two gRPC servers of the EPP. ``is_serving(service)`` answers health checks."""
 
     def __init__(
-        self, router: Router, config: ServerConfig, is_serving: Callable[[str], bool]
+        self,
+        router: Router,
+        config: ServerConfig,
+        is_serving: Callable[[str], bool],
+        after_large: Callable[[], None] | None = None,
     ) -> None:
+        """``after_large`` runs when a stream's large request body is done with."""
         self.config = config
+        self._after_large = after_large
         self._router = router
         self._is_serving = is_serving
         self._grpc: grpc.aio.Server | h2server.H2Server | None = None
@@ -150,17 +191,18 @@ class ExtProcServer:
             context = reloadable.listening
             self._watch(reloadable.replace)
         router = self._router
+        after_large = self._after_large
         handlers: dict[str, h2server.HandlerFactory] = {
-            f"/{SERVICE}/Process": lambda: ExtProcStream(router)
+            f"/{SERVICE}/Process": lambda emit: ExtProcStream(router, cfg.limits, emit, after_large)
         }
         if cfg.health_on_grpc_port:
-            handlers[f"/{health.SERVICE}/Check"] = lambda: _HealthCall(lambda _name: True)
+            handlers[f"/{health.SERVICE}/Check"] = lambda _emit: _HealthCall(lambda _name: True)
         server = h2server.H2Server(
             handlers, max_message=cfg.max_recv, ssl_context=context, max_send=cfg.max_send
         )
         is_serving = self._is_serving
         hserver = h2server.H2Server(
-            {f"/{health.SERVICE}/Check": lambda: _HealthCall(is_serving)},
+            {f"/{health.SERVICE}/Check": lambda _emit: _HealthCall(is_serving)},
             max_message=64 * 1024,
         )
         self.grpc_port = await server.start(cfg.host, cfg.grpc_port)
@@ -179,7 +221,9 @@ class ExtProcServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options)
-        server.add_generic_rpc_handlers((process_handler(self._router),))
+        server.add_generic_rpc_handlers(
+            (process_handler(self._router, cfg.limits, self._after_large),)
+        )
         if cfg.health_on_grpc_port:
             server.add_generic_rpc_handlers((health.health_handler(lambda _name: True),))
         address = f"{cfg.host}:{cfg.grpc_port}"

@@ -139,8 +139,26 @@ async def test_client_disconnect_mid_stream_releases_load(tmp_path, tiny_model):
         await until(lambda: st.app.load.view(busy[0]).requests == 0, what="release on reset")
 
 
-async def test_large_bodies(tmp_path, tiny_model):
+async def test_a_prompt_beyond_the_context_length_is_refused_before_routing(tmp_path, tiny_model):
     async with epp_stack(tmp_path, tokenizer=tiny_model) as st, aiohttp.ClientSession() as s:
+        big = chat("x " * (512 * 1024), "summarize")  # the tiny model's context: 8192
+        status, _, body = await post(s, st.url + "/v1/chat/completions", big)
+        assert status == 400
+        message = json.loads(body)["error"]["message"]
+        assert "the model's context length is only 8192 tokens" in message
+        data = json.dumps({"model": "tiny", "prompt": ["short", "y " * 20000]}).encode()
+        status, _, body = await post(s, st.url + "/v1/completions", data=data)
+        assert status == 400 and "8192" in json.loads(body)["error"]["message"]
+        assert all(not b.requests for b in st.backends)
+        assert all(st.app.load.view(w).requests == 0 for w, _ in st.app.pool.workers())
+
+
+async def test_large_bodies(tmp_path, tiny_model):
+    args = ["--max-model-len", "0"]  # no context check: the bodies go through whole
+    async with (
+        epp_stack(tmp_path, tokenizer=tiny_model, epp_args=args) as st,
+        aiohttp.ClientSession() as s,
+    ):
         # 1 MiB chat: tokenized, token ids added, the rest unchanged
         big = chat("x " * (512 * 1024), "summarize")
         status, headers, _ = await post(s, st.url + "/v1/chat/completions", big)
@@ -196,6 +214,11 @@ async def test_client_sent_steering_headers_are_ignored(tmp_path, tiny_model):
         H.PREFILLER_HOST_PORT: "127.0.0.1:2",
         H.DESTINATION_SUBSET: "127.0.0.1:1",
         H.DP_RANK: "7",
+        "x-dynamo-foo": "forged",
+        "x-dynamo-worker-instance-id": "99",
+        "x-prefiller-url": "http://127.0.0.1:3",
+        "x-worker-instance-id": "99",
+        "x-data-parallel-rank": "5",
     }
     async with epp_stack(tmp_path, tokenizer=tiny_model) as st, aiohttp.ClientSession() as s:
         for _ in range(5):
@@ -208,6 +231,10 @@ async def test_client_sent_steering_headers_are_ignored(tmp_path, tiny_model):
             assert H.PREFILLER_HOST_PORT not in seen.headers
             assert H.DESTINATION_SUBSET not in seen.headers
             assert seen.headers[H.DP_RANK] == "0"
+            for name in ("x-dynamo-foo", "x-dynamo-worker-instance-id", "x-prefiller-url"):
+                assert name not in seen.headers, name
+            assert seen.headers.get("x-worker-instance-id") != "99"
+            assert "x-data-parallel-rank" not in seen.headers
 
 
 async def test_bodyless_request_is_routed(tmp_path):
@@ -300,8 +327,9 @@ async def test_disaggregated_pick_names_the_prefill_endpoint(tmp_path, tiny_mode
 
 async def test_buffered_gateway_with_8mib_body(tmp_path, tiny_model):
     gw = {"request_body_mode": "BUFFERED", "response_body_mode": "BUFFERED"}
+    args = ["--max-model-len", "0"]  # the 8 MiB batch is far beyond the tiny model's context
     async with (
-        epp_stack(tmp_path, tokenizer=tiny_model, gateway=gw) as st,
+        epp_stack(tmp_path, tokenizer=tiny_model, gateway=gw, epp_args=args) as st,
         aiohttp.ClientSession() as s,
     ):
         status, headers, body = await post(s, st.url + "/v1/chat/completions", chat("s", "u"))

@@ -354,7 +354,9 @@ async def test_one_stream_in_order_with_the_served_endpoint(tmp_path: pathlib.Pa
 async def test_buffered_12mib_body_passes_the_raised_message_limits(
     tmp_path: pathlib.Path,
 ) -> None:
-    async with running_epp(tmp_path) as app, channel_to(app) as ch:
+    # Above the default 10 MB --max-body-bytes: the limit raised with the gRPC ones.
+    args = ["--max-body-bytes", "32MiB"]
+    async with running_epp(tmp_path, args=args) as app, channel_to(app) as ch:
         prompt = list(range(100_000, 1_800_000))
         payload = json.dumps({"model": "m", "prompt": prompt}, separators=(",", ":")).encode()
         assert len(payload) > 12 * 1024 * 1024

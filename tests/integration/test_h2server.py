@@ -69,7 +69,7 @@ async def serving(
         key, cert = tls.self_signed()
         context = tls.server_context(key, cert)
     server = h2server.H2Server(
-        {ECHO: lambda: EchoHandler(rec), BOOM: lambda: EchoHandler(rec, fail=True)},
+        {ECHO: lambda _emit: EchoHandler(rec), BOOM: lambda _emit: EchoHandler(rec, fail=True)},
         max_message=max_message,
         ssl_context=context,
         max_send=max_send,
@@ -519,7 +519,7 @@ async def test_ssl_context_offers_h2_only() -> None:
     key, cert = tls.self_signed()
     ctx = tls.server_context(key, cert)
     server = h2server.H2Server(
-        {ECHO: lambda: EchoHandler(Recorder())}, max_message=1 << 20, ssl_context=ctx
+        {ECHO: lambda _emit: EchoHandler(Recorder())}, max_message=1 << 20, ssl_context=ctx
     )
     await server.start("127.0.0.1", 0)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import envoy_data_plane.envoy.config.core.v3 as core
@@ -11,7 +12,15 @@ import envoy_data_plane.google.protobuf as pb
 import pytest
 
 from epp import headers as H
-from epp.extproc.stream import BODY_CHUNK, ExtProcStream, RequestInfo, Routed, RoutingError
+from epp.extproc.stream import (
+    BODY_CHUNK,
+    LARGE_BODY,
+    ExtProcStream,
+    RequestInfo,
+    Routed,
+    RoutingError,
+    StreamLimits,
+)
 from epp.response_usage import Usage
 
 FD = pm.ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED
@@ -336,3 +345,197 @@ def test_response_usage_reaches_the_router(status, chunks, expected):
         s.handle(body(c, i == len(chunks) - 1, response=True))
     assert router.calls[-1] == ("finished", "complete" if status == "200" else "error")
     assert router.usage == expected
+
+
+# ------------------------------------------------------------------ limits and later replies
+
+LIMITED = StreamLimits(max_body_bytes=1000, body_timeout=None)
+
+
+def immediate_status(out) -> int:
+    (resp,) = parse(out)
+    return int(resp.immediate_response.status.code)
+
+
+def test_a_body_over_the_limit_is_refused_as_soon_as_it_passes_it():
+    router = RecordingRouter()
+    s = ExtProcStream(router, LIMITED)
+    s.handle(hdrs(POST))
+    assert s.handle(body(b"x" * 600, False)) == ()
+    out = s.handle(body(b"x" * 600, False))  # 1,200 bytes: over, before the end of the body
+    assert immediate_status(out) == 413
+    doc = json.loads(parse(out)[0].immediate_response.body)
+    assert "1,000" in doc["error"]["message"]
+    assert s.handle(body(b"x" * 600, True)) == ()  # the rest is dropped unread
+    assert router.infos == []
+    assert len(s._body) == 0
+
+
+def test_a_declared_length_over_the_limit_is_refused_at_the_headers():
+    router = RecordingRouter()
+    s = ExtProcStream(router, LIMITED)
+    out = s.handle(hdrs([*POST, ("content-length", "5000")]))
+    assert immediate_status(out) == 413
+    assert s.handle(body(b"x" * 10, True)) == ()
+    assert router.infos == []
+
+
+def test_a_body_at_the_limit_is_routed():
+    router = RecordingRouter()
+    s = ExtProcStream(router, LIMITED)
+    s.handle(hdrs([*POST, ("content-length", "1000")]))
+    s.handle(body(b"x" * 500, False))
+    out = parse(s.handle(body(b"x" * 500, True)))
+    assert out[0].request_headers is not None
+    assert len(router.infos[0].body) == 1000
+
+
+def test_client_headers_of_the_eps_families_are_all_removed():
+    router = RecordingRouter()
+    s = ExtProcStream(router)
+    sent = [
+        *POST,
+        ("x-dynamo-foo", "1"),
+        ("x-dynamo-worker-instance-id", "2"),
+        ("x-prefiller-anything", "3"),
+        ("x-prefill-dp-rank", "4"),
+        ("x-data-parallel-rank", "5"),
+        ("x-gateway-destination-endpoint-fallback", "6.6.6.6:1"),
+        ("x-dp-rank", "7"),
+        ("x-unrelated", "kept"),
+    ]
+    s.handle(hdrs(sent))
+    out = parse(s.handle(body(b"{}", True)))
+    mut = out[0].request_headers.response.header_mutation
+    removed = set(mut.remove_headers)
+    got = set_headers(out[0])
+    assert removed == {
+        "x-dynamo-foo",
+        "x-dynamo-worker-instance-id",
+        "x-prefiller-anything",
+        "x-prefill-dp-rank",
+        "x-data-parallel-rank",
+        "x-gateway-destination-endpoint-fallback",
+        "x-dp-rank",
+    }
+    assert "x-unrelated" not in removed and "x-unrelated" not in got
+
+
+class LaterRouter(RecordingRouter):
+    """Routes through an awaitable that completes when the test says so."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.gate: asyncio.Future | None = None
+
+    def route(self, info):
+        self.gate = asyncio.get_running_loop().create_future()
+
+        async def later():
+            await self.gate
+            return RecordingRouter.route(self, info)
+
+        return later()
+
+
+async def test_a_routing_that_completes_later_is_emitted_in_order_with_held_trailers():
+    router = LaterRouter()
+    emitted: list[bytes] = []
+    s = ExtProcStream(router, LIMITED, emitted.extend)
+    s.handle(hdrs(POST))
+    assert s.handle(body(b"{}", False)) == ()
+    trailers = ep.ProcessingRequest(request_trailers=ep.HttpTrailers(trailers=core.HeaderMap()))
+    assert not s.handle(bytes(trailers))  # ends the body; routing is now pending
+    assert s.pending and emitted == []
+    router.gate.set_result(None)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    out = parse(emitted)
+    assert out[0].request_headers is not None
+    assert out[1].request_body is not None
+    assert out[-1].request_trailers is not None
+    assert not s.pending
+    # the exchange goes on as usual, and ends once
+    s.handle(hdrs([(":status", "200")], response=True))
+    s.handle(body(b"ok", True, response=True))
+    assert router.calls[-1] == ("finished", "complete")
+
+
+async def test_a_later_routing_error_is_an_immediate_response():
+    router = LaterRouter(error=RoutingError(429, "shed"))
+    emitted: list[bytes] = []
+    s = ExtProcStream(router, LIMITED, emitted.extend)
+    s.handle(hdrs(POST))
+    s.handle(body(b"{}", True))
+    router.gate.set_result(None)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert immediate_status(emitted) == 429
+
+
+async def test_closing_during_a_later_routing_cancels_it_and_releases_nothing_twice():
+    router = LaterRouter()
+    emitted: list[bytes] = []
+    s = ExtProcStream(router, LIMITED, emitted.extend)
+    s.handle(hdrs(POST))
+    s.handle(body(b"{}", True))
+    s.close()
+    router.gate.set_result(None)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert emitted == []
+    assert router.calls == []  # never routed, so nothing to release
+
+
+async def test_a_decision_made_after_close_is_released():
+    router = LaterRouter()
+    emitted: list[bytes] = []
+    s = ExtProcStream(router, LIMITED, emitted.extend)
+    s.handle(hdrs(POST))
+    s.handle(body(b"{}", True))
+    router.gate.set_result(None)
+    task = s._pending
+    await asyncio.sleep(0)  # the coroutine finishes; its done callback is scheduled
+    assert task.done()
+    s.close()
+    await asyncio.sleep(0)
+    assert emitted == []
+    assert router.calls == [("finished", "aborted")]
+
+
+async def test_a_body_that_does_not_arrive_in_time_gets_408():
+    router = RecordingRouter()
+    emitted: list[bytes] = []
+    s = ExtProcStream(router, StreamLimits(max_body_bytes=None, body_timeout=0.05), emitted.extend)
+    s.handle(hdrs(POST))
+    s.handle(body(b"{", False))
+    await asyncio.sleep(0.15)
+    assert immediate_status(emitted) == 408
+    assert s.handle(body(b"}", True)) == ()
+    assert router.infos == []
+
+
+async def test_a_body_in_time_disarms_the_timer():
+    router = RecordingRouter()
+    emitted: list[bytes] = []
+    s = ExtProcStream(router, StreamLimits(max_body_bytes=None, body_timeout=0.05), emitted.extend)
+    s.handle(hdrs(POST))
+    assert len(s.handle(body(b"{}", True))) == 2
+    await asyncio.sleep(0.1)
+    assert emitted == []
+
+
+def test_the_large_body_hook_runs_once_per_large_request():
+    calls = []
+    router = RecordingRouter()
+    s = ExtProcStream(router, StreamLimits(max_body_bytes=None, body_timeout=None), None,
+                      lambda: calls.append(1))  # fmt: skip
+    s.handle(hdrs(POST))
+    s.handle(body(b"x" * LARGE_BODY, True))
+    s.close()
+    assert calls == [1]
+    small = ExtProcStream(router, None, None, lambda: calls.append(2))
+    small.handle(hdrs(POST))
+    small.handle(body(b"{}", True))
+    small.close()
+    assert calls == [1]
