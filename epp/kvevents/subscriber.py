@@ -11,8 +11,16 @@ publisher's sequence numbers (specs/kv-events.md §1.5):
   is unknown, and the gap is counted as ``cleared``.
 * **Restart** (``seq <= last``: the engine restarted and numbers from 0 again): the worker's
   blocks are cleared, and the new process's earlier batches are replayed when it has any.
+  A restarted engine may also already be past ``last + 1`` when its first batch arrives;
+  so a gap's replay starts at ``last``, and a batch ``last`` that differs from the one
+  applied means a restart too.
 * **Joining late** (the first batch seen has ``seq > 0``): earlier batches are replayed when
   available; nothing is cleared, as nothing was known.
+* **Subscribing** (a worker added, e.g. after the EPP itself restarted): everything the
+  worker's replay buffer holds is asked for at once, without waiting for its next batch, so
+  an idle engine's cache is known as soon as it answers. A live batch that was published
+  while that replay ran arrives twice; it is recognised by its payload (the same bytes under
+  the same number) and applied once.
 
 Nothing stalls the event loop for long: a task yields after ``time_slice`` seconds of work
 (counted as back-pressure when batches are still waiting), ZMQ's receive high-water mark
@@ -27,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
@@ -41,6 +49,9 @@ from epp.kvindex import KvIndex
 from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+_REPLAY_TAIL = 64
+"""Batches of the replay at subscribe remembered to recognise their live duplicates."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +92,9 @@ class SourceStats:
     gaps_replayed: int = 0
     gaps_cleared: int = 0
     restarts: int = 0
+    last_payload: bytes = field(default=b"", repr=False)
+    replayed_tail: dict[int, bytes] = field(default_factory=dict, repr=False)
+    """The last batches of the replay at subscribe, by seq: their live copies are duplicates."""
 
 
 class KvEventSubscriber:
@@ -193,6 +207,8 @@ class KvEventSubscriber:
         sub.connect(source.endpoint)
         loop = asyncio.get_running_loop()
         try:
+            if source.replay_endpoint is not None:
+                await self._replay_at_subscribe(source, stats)
             slice_start = loop.time()
             while True:
                 message = await sub.recv_multipart()
@@ -229,28 +245,59 @@ class KvEventSubscriber:
             if seq > 0:
                 await self._catch_up(source, stats, 0, seq, "join")
         elif seq <= last:
-            log.warning(
-                "KV event publisher of %s restarted (seq %d after %d): clearing its blocks",
-                source.worker,
-                seq,
-                last,
-            )
-            metrics.KV_EVENT_RESTARTS.inc()
-            stats.restarts += 1
-            stats.last_seq = None
-            self.index.clear_worker(source.worker)
-            if seq > 0:
-                await self._catch_up(source, stats, 0, seq, "restart")
+            if stats.replayed_tail.get(seq) == live.payload:
+                metrics.KV_EVENTS_IGNORED.labels("duplicate").inc()
+                return  # published during the replay at subscribe, and applied from it
+            await self._restart(source, stats, seq)
         elif seq > last + 1:
             await self._catch_up(source, stats, last + 1, seq, "gap")
         if stats.last_seq is None or seq > stats.last_seq:
             self._apply(source, stats, seq, live.payload, "live")
 
+    async def _replay_at_subscribe(self, source: EventSource, stats: SourceStats) -> None:
+        items = await self._fetch_replay(source, 0, quiet=True)
+        if not items or stats.last_seq is not None:
+            return
+        applied = 0
+        for seq, payload in items:
+            if stats.last_seq is None or seq > stats.last_seq:
+                self._apply(source, stats, seq, payload, "replay")
+                applied += 1
+        stats.replayed_tail = dict(items[-_REPLAY_TAIL:])
+        log.info(
+            "KV events of %s: %d batches (up to %d) replayed at subscribe",
+            source.worker,
+            applied,
+            stats.last_seq,
+        )
+
+    async def _restart(self, source: EventSource, stats: SourceStats, seq: int) -> None:
+        log.warning(
+            "KV event publisher of %s restarted (seq %d after %d): clearing its blocks",
+            source.worker,
+            seq,
+            stats.last_seq,
+        )
+        metrics.KV_EVENT_RESTARTS.inc()
+        stats.restarts += 1
+        stats.last_seq = None
+        self.index.clear_worker(source.worker)
+        if seq > 0:
+            await self._catch_up(source, stats, 0, seq, "restart")
+
     async def _catch_up(
         self, source: EventSource, stats: SourceStats, start: int, upto: int, why: str
     ) -> None:
         """Replay batches ``start .. upto-1``; clear the worker if they cannot all be had."""
-        items = await self._fetch_replay(source, start)
+        if why == "gap":
+            # Also fetch the last batch applied: another payload under its number means
+            # a restarted publisher (it numbers from 0 again, and is already past it).
+            items = await self._fetch_replay(source, start - 1)
+            if items and items[0][0] == start - 1 and items[0][1] != stats.last_payload:
+                await self._restart(source, stats, upto)
+                return
+        else:
+            items = await self._fetch_replay(source, start)
         wanted = [(s, p) for s, p in (items or ()) if start <= s < upto]
         covered = len(wanted) == upto - start and all(
             s == start + i for i, (s, _) in enumerate(wanted)
@@ -289,9 +336,10 @@ class KvEventSubscriber:
                 self._apply(source, stats, seq, payload, "replay")
 
     async def _fetch_replay(
-        self, source: EventSource, start: int
+        self, source: EventSource, start: int, *, quiet: bool = False
     ) -> list[tuple[int, bytes]] | None:
-        """Ask the worker's replay socket for every batch from ``start`` on; None on failure."""
+        """Ask the worker's replay socket for every batch from ``start`` on; None on failure
+        (logged as a warning unless ``quiet``: at subscribe the worker may not be up yet)."""
         if source.replay_endpoint is None:
             return None
         dealer = self._ctx.socket(zmq.DEALER)
@@ -312,7 +360,7 @@ class KvEventSubscriber:
                         return items
                     items.append((item.seq, item.payload))
         except TimeoutError:
-            log.warning(
+            (log.debug if quiet else log.warning)(
                 "KV event replay from %s timed out after %.1f s",
                 source.replay_endpoint,
                 self.replay_timeout,
@@ -328,7 +376,10 @@ class KvEventSubscriber:
     def _apply(
         self, source: EventSource, stats: SourceStats, seq: int, payload: bytes, how: str
     ) -> None:
+        if how == "live" and stats.replayed_tail:
+            stats.replayed_tail = {}  # past the replay: no duplicate of it can follow
         stats.last_seq = seq
+        stats.last_payload = payload
         stats.batches += 1
         if how == "replay":
             stats.replayed_batches += 1

@@ -204,6 +204,25 @@ async def test_late_join_replays_the_history(subscriber):
         await pub.close()
 
 
+async def test_an_idle_publishers_history_is_replayed_at_subscribe(subscriber):
+    pub = await PublisherProc(seed=16).start()
+    try:
+        last = await pub.publish(80) - 1  # and nothing after: the engine is idle
+        subscriber.add_worker(pub.source("w"))
+        await wait_for(lambda: subscriber.stats("w").last_seq == last, what="replay at subscribe")
+        assert_same(subscriber.index, reference(pub.segments), pub.segments)
+        # Batches published from now on are applied once, whether or not the replay saw them.
+        dup_before = counter("kvpick_kv_events_ignored_total", reason="duplicate")
+        last = await pub.publish(30) - 1
+        await wait_for(lambda: subscriber.stats("w").last_seq == last, what="live batches")
+        stats = subscriber.stats("w")
+        assert stats.restarts == 0 and stats.gaps_cleared == 0
+        assert counter("kvpick_kv_events_ignored_total", reason="duplicate") >= dup_before
+        assert_same(subscriber.index, reference(pub.segments), pub.segments)
+    finally:
+        await pub.close()
+
+
 async def test_publisher_restart_clears_the_worker(subscriber):
     pub = await PublisherProc(seed=13).start()
     try:
@@ -404,4 +423,50 @@ async def test_a_flood_of_batches_does_not_starve_the_event_loop():
             assert index.block_count("w") > 0 and first > 0
     finally:
         pub.close(0)
+        ctx.term()
+
+
+async def test_a_live_copy_of_a_batch_replayed_at_subscribe_is_not_a_restart():
+    import zmq.asyncio
+
+    from epp.kvevents import frames
+
+    index = KvIndex(BS)
+    ctx = zmq.asyncio.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    router = ctx.socket(zmq.ROUTER)
+    replay_port = router.bind_to_random_port("tcp://127.0.0.1")
+    payloads = [
+        encode_batch([BlockStored([100 + i], None, list(range(4 * i, 4 * i + 4)), BS)], float(i))
+        for i in range(6)
+    ]
+
+    async def answer() -> None:  # the replay buffer holds batches 0..3
+        identity, start = frames.parse_replay_request(await router.recv_multipart())
+        for seq in range(start, 4):
+            await router.send_multipart([identity, b"", frames.seq_bytes(seq), payloads[seq]])
+        await router.send_multipart([identity, b"", frames.END_SEQ, b""])
+
+    server = asyncio.ensure_future(answer())
+    source = EventSource("w", f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay_port}")
+    try:
+        async with KvEventSubscriber(index, replay_timeout=2.0) as sub:
+            sub.add_worker(source)
+            await wait_for(lambda: sub.stats("w").last_seq == 3, what="replay at subscribe")
+            await server
+            # Batch 3 again (it was in flight during the replay), then 4 and 5.
+            deadline = time.monotonic() + 10
+            while sub.stats("w").last_seq != 5:
+                assert time.monotonic() < deadline, "live batches never arrived"
+                for seq in (3, 4, 5):
+                    await pub.send_multipart([b"", frames.seq_bytes(seq), payloads[seq]])
+                await asyncio.sleep(0.05)
+            stats = sub.stats("w")
+            assert stats.restarts == 0 and stats.gaps_cleared == 0
+            assert index.block_count("w") == 6
+    finally:
+        server.cancel()
+        pub.close(0)
+        router.close(0)
         ctx.term()
