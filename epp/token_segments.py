@@ -6,8 +6,8 @@ on its own. Rendered chat templates put special tokens between messages, so the 
 of a conversation are the concatenation of each special token's id and each in-between
 piece's ids — and the pieces repeat: the same system prompt, the same earlier turns. The
 :class:`SegmentEncoder` caches each piece's ids: long pieces least recently used first out
-within a character budget, short ones (mostly the template's own text) in a table bounded by
-count.
+within a memory budget (``max_bytes``, 16 MiB by default, text and ids counted), short
+ones (mostly the template's own text) in a table bounded by count.
 
 It is only used where it is exact. :meth:`SegmentEncoder.for_backend` returns None when a
 special token strips whitespace, matches single words or is normalized (its neighbours
@@ -80,6 +80,12 @@ _PROBES = (
 )
 
 
+def _cost(piece: str, ids: list[int]) -> int:
+    """About what a cache entry holds in memory: the text, and per id a list slot and (for
+    ids past CPython's small-int cache) an int object."""
+    return len(piece) + 40 * len(ids) + 100
+
+
 class SegmentEncoder:
     """``encode(text)`` equals ``backend.encode(text, add_special_tokens=False).ids``."""
 
@@ -88,7 +94,7 @@ class SegmentEncoder:
         backend: tokenizers.Tokenizer,
         specials: dict[str, int],
         *,
-        max_chars: int = 32 << 20,
+        max_bytes: int = 16 << 20,
         min_cached_chars: int = 256,
         max_small: int = 4096,
         encode_ids: IdsEncoder | None = None,
@@ -105,8 +111,8 @@ class SegmentEncoder:
         ordered = sorted(specials, key=len, reverse=True)  # the longest match wins
         self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
-        self._chars = 0
-        self._max_chars = max_chars
+        self._bytes = 0
+        self._max_bytes = max_bytes
         self._min = min_cached_chars
         self._lock = threading.Lock()
         self._small: dict[str, list[int]] = {}
@@ -182,12 +188,13 @@ class SegmentEncoder:
         cache = self._cache
         with self._lock:
             self.misses += 1
-            if piece not in cache and len(piece) <= self._max_chars:
+            cost = _cost(piece, ids)
+            if piece not in cache and cost <= self._max_bytes:
                 cache[piece] = ids
-                self._chars += len(piece)
-                while self._chars > self._max_chars:
-                    old, _ = cache.popitem(last=False)
-                    self._chars -= len(old)
+                self._bytes += cost
+                while self._bytes > self._max_bytes:
+                    old, old_ids = cache.popitem(last=False)
+                    self._bytes -= _cost(old, old_ids)
 
     def encode(self, text: str) -> list[int]:
         out: list[int] = []

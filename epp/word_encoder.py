@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -40,10 +41,12 @@ from epp.token_budget import CHECK_EVERY, TokenBudget
 log = logging.getLogger(__name__)
 
 _category = unicodedata.category
+_has_digit = re.compile(r"\d").search
 
 MAX_CACHED_WORD = 64
 """Longer words are encoded every time: with :attr:`WordEncoder` ``max_words`` entries at
-most, this bounds the cache to a few tens of megabytes."""
+most (32768 by default: a language's common words), this bounds the cache to under ten
+megabytes, which a soak's unending stream of new words (ids, numbers, names) fills once."""
 
 # The expression HF's ByteLevel pre-tokenizer uses with use_regex=True (GPT-2's).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -74,7 +77,7 @@ class WordEncoder:
         nfc: bool,
         added: dict[str, int],
         normalized: frozenset[str] = frozenset(),
-        max_words: int = 1 << 17,
+        max_words: int = 1 << 15,
     ) -> None:
         """``added``: every added token's content and id; ``normalized``: the contents of
         those the library matches only in what the others leave (its second pass)."""
@@ -156,8 +159,10 @@ class WordEncoder:
         # The library's own byte-level map and BPE model: one pre-token, no splitting.
         mapped = self._bytes.pre_tokenize_str(word)[0][0]
         ids = [t.id for t in self._model.tokenize(mapped)]
-        if len(word) > MAX_CACHED_WORD:
-            return ids  # long "words" (digit runs, base64) are rare and would bloat the cache
+        if len(word) > MAX_CACHED_WORD or (len(word) > 3 and _has_digit(word)):
+            # Long "words" (base64, hex) and numbers are mostly seen once: caching them
+            # would only churn the cache (a request counter alone adds one per request).
+            return ids
         with self._lock:
             if len(self._cache) >= self._max_words:
                 self._cache.clear()  # rare: a vocabulary's worth of distinct words

@@ -57,13 +57,16 @@ def test_repeated_segments_come_from_the_cache(backend):
     assert enc.misses == 4  # the system prompt once, each user turn once
 
 
-def test_cache_stays_within_its_character_budget(backend):
-    enc = SegmentEncoder.for_backend(backend, max_chars=1000, min_cached_chars=0)
+def test_cache_stays_within_its_memory_budget(backend):
+    from epp.token_segments import _cost
+
+    enc = SegmentEncoder.for_backend(backend, max_bytes=5000, min_cached_chars=0)
     assert enc is not None
     for i in range(50):
         enc.encode(f"segment number {i} " * 5 + "<|eot_id|>")
-    assert enc._chars <= 1000
-    assert sum(len(k) for k in enc._cache) == enc._chars
+    assert 0 < enc._bytes <= 5000
+    assert sum(_cost(k, v) for k, v in enc._cache.items()) == enc._bytes
+    assert len(enc._cache) < 50  # the oldest went
 
 
 @settings(max_examples=200, deadline=None)

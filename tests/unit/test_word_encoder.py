@@ -230,3 +230,12 @@ def test_long_words_are_not_cached():
     long_word = "x" * (MAX_CACHED_WORD + 1)
     assert enc.encode(long_word) == gpt2_style().encode(long_word, add_special_tokens=False).ids
     assert long_word not in enc._cache
+
+
+def test_numbers_past_three_characters_are_not_cached():
+    enc = WordEncoder.for_backend(gpt2_style())
+    assert enc is not None
+    text = "order 12 of 123456 and 7"
+    assert enc.encode(text) == gpt2_style().encode(text, add_special_tokens=False).ids
+    assert " 12" in enc._cache and " 7" in enc._cache
+    assert " 123456" not in enc._cache
