@@ -49,6 +49,7 @@ from typing import Any
 
 from bench.procstat import cpu_seconds as _cpu_seconds
 from bench.procstat import free_port
+from bench.words import WORDS
 
 TARGETS = {
     "added_p50_ms_1k": ("<=", 2.0),
@@ -104,52 +105,9 @@ def _pct(values: list[float], q: float) -> float:
 
 # --------------------------------------------------------------------------- prompts
 
-_WORDS = tuple(
-    [
-        "the",
-        "model",
-        "reads",
-        "every",
-        "request",
-        "and",
-        "the",
-        "router",
-        "keeps",
-        "a",
-        "cache",
-        "of",
-        "prefixes",
-        "so",
-        "that",
-        "long",
-        "conversations",
-        "land",
-        "where",
-        "their",
-        "tokens",
-        "already",
-        "live",
-        "while",
-        "load",
-        "spreads",
-        "evenly",
-        "across",
-        "workers",
-        "data",
-        "parallel",
-        "ranks",
-        "prefill",
-        "decode",
-        "blocks",
-        "events",
-        "metrics",
-        "gateway",
-    ]
-)
-
 
 def _text(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(n_words))
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
 def _chat_prompts(tok: Any, target_tokens: int, count: int, seed: int) -> list[dict]:
@@ -157,7 +115,7 @@ def _chat_prompts(tok: Any, target_tokens: int, count: int, seed: int) -> list[d
     the tokens), each request with its own user turn, so that later requests hit cached
     prefixes as real traffic does."""
     rng = random.Random(seed)
-    words = [rng.choice(_WORDS) for _ in range(target_tokens * 2)]
+    words = [rng.choice(WORDS) for _ in range(target_tokens * 2)]
     user_words = max(8, target_tokens // 10)
 
     def body(i: int, n_words: int, j: int) -> dict:

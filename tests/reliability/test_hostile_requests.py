@@ -27,9 +27,10 @@ def _error(body: bytes) -> str:
 
 
 def maximal_request(size: int) -> bytes:
-    """A chat body of ``size`` bytes that the EPP accepts: a ~2.4K-word text (within the
-    tiny model's context) and a large inline image, which the engine, not the EPP, expands."""
-    text = " ".join(H.WORDS[k % len(H.WORDS)] for k in range(2400))
+    """A chat body of ``size`` bytes that the EPP accepts: a 1,600-word text (about 5.7K
+    tokens, within the tiny model's context) and a large inline image, which the engine,
+    not the EPP, expands."""
+    text = " ".join(H.WORDS[k % len(H.WORDS)] for k in range(1600))
     image = "data:image/png;base64," + "A" * (size - len(text) - 300)
     parts = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image}}]
     doc = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": parts}]}
