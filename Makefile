@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvpick-installed
 
-.PHONY: up test test-pure lint bench venv clean
+.PHONY: up test test-pure test-reliability soak lint bench venv clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,15 @@ test: $(STAMP)
 # where epp._kvnative could not be built).
 test-pure: $(STAMP)
 	KVPICK_PURE_PYTHON=1 $(BIN)/pytest -q tests/unit
+
+# Whole processes (Envoy, the EPP, simulated engines) under hostile input, kills and load:
+# docs/operations.md says what each test checks. About a minute; CI runs it.
+test-reliability: $(STAMP)
+	$(BIN)/pytest -m reliability tests/reliability
+
+# The soak: 200 requests/s through Envoy and the EPP, per-minute figures (10 minutes).
+soak: $(STAMP)
+	$(BIN)/kvpick bench soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
