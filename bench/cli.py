@@ -13,9 +13,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and compares kvpick against a baseline measured in the same run.",
     )
     benches = parser.add_subparsers(title="benchmarks", metavar="BENCHMARK")
-    from bench import epp, index, sim
+    from bench import epp, index, sim, soak
 
     epp.register(benches)
     index.register(benches)
     sim.register(benches)
+    soak.register(benches)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
