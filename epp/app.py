@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from epp import memory
+from epp import collector, memory
 from epp import metrics as M
 from epp.datalayer.scraper import MetricsScraper
 from epp.director import Director, DirectorConfig, worker_label
@@ -170,6 +170,9 @@ class EppApp:
         await self._start_http()
         self._tasks.append(asyncio.create_task(self._expire_loop(), name="load-expiry"))
         self._tasks.append(asyncio.create_task(self._lag_probe(), name="loop-lag"))
+        collector.watch()
+        frozen = collector.settle()
+        log.debug("%d start-up objects moved out of the collector's reach", frozen)
         log.info(
             "kvpick EPP ready: %d endpoints, policy %s, block size %d",
             len(self.pool),
@@ -192,6 +195,7 @@ class EppApp:
             await self._http.cleanup()
         if self.preprocessor is not None:
             self.preprocessor.close()
+        collector.unwatch()
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, drain, stop."""

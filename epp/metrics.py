@@ -151,6 +151,13 @@ LOOP_LAG = Histogram(
     "the time any ext_proc message or KV event could have waited for the loop.",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
 )
+GC_PAUSE = Histogram(
+    "kvpick_gc_pause_seconds",
+    "Time each garbage collection held the interpreter, by generation (0-2); a full "
+    "collection (2) stops the event loop for as long as it runs.",
+    ["generation"],
+    buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
+)
 LOOP_LAG_MAX = Gauge(
     "kvpick_event_loop_lag_max_seconds",
     "The largest event-loop lag seen since the EPP started.",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tokenizers
@@ -80,8 +80,8 @@ _PROBES = (
 )
 
 
-def _cost(piece: str, ids: list[int]) -> int:
-    """About what a cache entry holds in memory: the text, and per id a list slot and (for
+def _cost(piece: str, ids: Sequence[int]) -> int:
+    """About what a cache entry holds in memory: the text, and per id a tuple slot and (for
     ids past CPython's small-int cache) an int object."""
     return len(piece) + 40 * len(ids) + 100
 
@@ -110,12 +110,15 @@ class SegmentEncoder:
         self._ids = specials
         ordered = sorted(specials, key=len, reverse=True)  # the longest match wins
         self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
-        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        # Entries are tuples: a tuple of ints is untracked by the garbage collector, so a
+        # full collection does not walk the cache's millions of ids (as lists, it did,
+        # for tens of milliseconds every few seconds under load).
+        self._cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._bytes = 0
         self._max_bytes = max_bytes
         self._min = min_cached_chars
         self._lock = threading.Lock()
-        self._small: dict[str, list[int]] = {}
+        self._small: dict[str, tuple[int, ...]] = {}
         self._max_small = max_small
         self.hits = 0
         self.misses = 0
@@ -155,7 +158,7 @@ class SegmentEncoder:
             out.extend(encode(text[pos:], False))
         return out
 
-    def _piece(self, piece: str) -> list[int]:
+    def _piece(self, piece: str) -> tuple[int, ...]:
         if len(piece) < self._min:
             # Short pieces are mostly the template's own text between special tokens
             # ("user\n", "\n"), the same in every request: a dict lookup instead of a call
@@ -163,7 +166,7 @@ class SegmentEncoder:
             small = self._small
             ids = small.get(piece)
             if ids is None:
-                ids = self._encode_ids(piece, False)
+                ids = tuple(self._encode_ids(piece, False))
                 if len(small) >= self._max_small:
                     small.clear()
                 small[piece] = ids
@@ -171,11 +174,11 @@ class SegmentEncoder:
         ids = self._cached(piece)
         if ids is not None:
             return ids
-        ids = self._encode_ids(piece, False)
+        ids = tuple(self._encode_ids(piece, False))
         self._remember(piece, ids)
         return ids
 
-    def _cached(self, piece: str) -> list[int] | None:
+    def _cached(self, piece: str) -> tuple[int, ...] | None:
         cache = self._cache
         with self._lock:
             ids = cache.get(piece)
@@ -184,7 +187,7 @@ class SegmentEncoder:
                 self.hits += 1
             return ids
 
-    def _remember(self, piece: str, ids: list[int]) -> None:
+    def _remember(self, piece: str, ids: tuple[int, ...]) -> None:
         cache = self._cache
         with self._lock:
             self.misses += 1
@@ -232,7 +235,7 @@ class SegmentEncoder:
         ids = self._cached(piece)
         if ids is None:
             try:
-                ids = self._encode_bounded(piece, budget.remaining(len(out)))
+                ids = tuple(self._encode_bounded(piece, budget.remaining(len(out))))
             except TokenLimitReached as exc:
                 raise TokenLimitReached(len(out) + exc.count) from None
             self._remember(piece, ids)

@@ -88,7 +88,8 @@ class WordEncoder:
         self._added = added
         self._first = _alternation(t for t in added if t not in normalized)
         self._second = _alternation(t for t in added if t in normalized)
-        self._cache: dict[str, list[int]] = {}
+        # Tuples, not lists: untracked by the garbage collector (see token_segments).
+        self._cache: dict[str, tuple[int, ...]] = {}
         self._library = backend.encode
         self._max_words = max_words
         self._lock = threading.Lock()
@@ -150,15 +151,15 @@ class WordEncoder:
 
     # ---------------------------------------------------------------- encoding
 
-    def _word(self, word: str) -> list[int]:
+    def _word(self, word: str) -> tuple[int, ...]:
         ids = self._cache.get(word)
         if ids is not None:
             return ids
         if not word:
-            return []  # an expression that can match nothing yields empty words
+            return ()  # an expression that can match nothing yields empty words
         # The library's own byte-level map and BPE model: one pre-token, no splitting.
         mapped = self._bytes.pre_tokenize_str(word)[0][0]
-        ids = [t.id for t in self._model.tokenize(mapped)]
+        ids = tuple([t.id for t in self._model.tokenize(mapped)])
         if len(word) > MAX_CACHED_WORD or (len(word) > 3 and _has_digit(word)):
             # Long "words" (base64, hex) and numbers are mostly seen once: caching them
             # would only churn the cache (a request counter alone adds one per request).

@@ -119,3 +119,20 @@ def test_not_used_when_only_the_first_piece_gets_a_prefix():
 def test_not_used_without_special_tokens():
     tok = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
     assert SegmentEncoder.for_backend(tok) is None
+
+
+def test_cached_ids_are_out_of_the_garbage_collectors_reach(backend):
+    """Cache entries are tuples of ints, which a collection untracks: a full collection
+    then walks none of the cache's ids (as lists, it walked every one)."""
+    import gc
+
+    enc = SegmentEncoder.for_backend(backend, min_cached_chars=10)
+    assert enc is not None
+    for i in range(20):
+        enc.encode("<|begin_of_text|>" + f"prompt {i} " * 30 + "<|eot_id|>user\n")
+    gc.collect()
+    entries = list(enc._cache.values()) + list(enc._small.values())
+    assert len(enc._cache) >= 20 and enc._small
+    assert not any(gc.is_tracked(ids) for ids in entries)
+    text = "<|begin_of_text|>" + "prompt 3 " * 30 + "<|eot_id|>user\n"
+    assert enc.encode(text) == backend.encode(text, add_special_tokens=False).ids

@@ -239,3 +239,14 @@ def test_numbers_past_three_characters_are_not_cached():
     assert enc.encode(text) == gpt2_style().encode(text, add_special_tokens=False).ids
     assert " 12" in enc._cache and " 7" in enc._cache
     assert " 123456" not in enc._cache
+
+
+def test_cached_word_ids_are_out_of_the_garbage_collectors_reach():
+    import gc
+
+    backend = gpt2_style()
+    enc = WordEncoder.for_backend(backend)
+    assert enc is not None
+    enc.encode("the cache holds every word it has seen")
+    gc.collect()
+    assert enc._cache and not any(gc.is_tracked(ids) for ids in enc._cache.values())
