@@ -62,8 +62,17 @@ def test_a_short_soak_reports_every_window(tmp_path: pathlib.Path) -> None:
     assert result["total_requests"] == sum(w["requests"] for w in windows)
     assert 40 <= result["achieved_rate_per_s"] <= 60
     assert "rate_note" not in result
-    assert result["p99_drift_of"] == "added_p99_ms"
-    for key in ("p99_drift_pct", "via_epp_p99_drift_pct", "rss_growth_pct", "added_p50_ms"):
+    assert result["p99_drift_of"] == "via_epp_p99_ms / direct_p99_ms"
+    first, last = windows[0], windows[-1]
+    ratio = [w["via_epp_p99_ms"] / w["direct_p99_ms"] for w in (first, last)]
+    assert math.isclose(
+        result["p99_drift_pct"], 100 * (ratio[1] - ratio[0]) / ratio[0], abs_tol=0.02
+    )
+    assert math.isclose(
+        result["added_p99_drift_ms"], last["added_p99_ms"] - first["added_p99_ms"], abs_tol=0.01
+    )
+    keys = ("p99_drift_pct", "via_epp_p99_drift_pct", "rss_growth_pct", "added_p50_ms")
+    for key in keys:
         assert math.isfinite(result[key]), key
     assert set(result["by_kind"]) == {"short", "chat_1k", "doc_8k"}
     assert result["by_kind"]["short"]["requests"] > result["by_kind"]["doc_8k"]["requests"]
@@ -71,6 +80,7 @@ def test_a_short_soak_reports_every_window(tmp_path: pathlib.Path) -> None:
     assert result["targets"]["total_errors"]["met"] is True
     assert result["passed"] == all(t["met"] for t in result["targets"].values())
     assert result["workload"]["rate_per_s"] == 50 and result["workload"]["sims"] == 2
+    assert result["workload"]["nice"] == 10
     assert "window 4/4" in proc.stderr
 
 
@@ -79,15 +89,18 @@ def test_bad_arguments_exit_2_with_a_reason() -> None:
     assert proc.returncode == 2 and "must be > 0" in proc.stderr
     proc = kvpick("bench", "soak", "--direct-share", "1.5", timeout=60)
     assert proc.returncode == 2 and "--direct-share must be in [0, 1]" in proc.stderr
+    proc = kvpick("bench", "soak", "--nice", "20", timeout=60)
+    assert proc.returncode == 2 and "--nice must be in [0, 19]" in proc.stderr
 
 
-def _window(added_p99: float, via_p99: float, rss: float, errors: int = 0) -> dict[str, float]:
+def _window(via_p99: float, direct_p99: float, rss: float, errors: int = 0) -> dict[str, float]:
     return {
         "requests": 100,
         "direct_requests": 100,
         "errors": errors,
-        "added_p99_ms": added_p99,
+        "added_p99_ms": via_p99 - direct_p99,
         "via_epp_p99_ms": via_p99,
+        "direct_p99_ms": direct_p99,
         "epp_rss_mb": rss,
     }
 
@@ -96,25 +109,31 @@ def test_the_targets_are_one_sided_and_read_first_against_last_window() -> None:
     from bench.soak import summarize
 
     totals = {"warmup_errors": 0, "achieved_rate_per_s": 200.0}
+    # The via-EPP p99 over the direct one: 60/50 = 1.2 first, 132/100 = 1.32 last (+10 %),
+    # although both paths' p99 doubled (the machine, not the EPP).
     steady = summarize(
-        [_window(10, 50, 80), _window(30, 90, 85), _window(11.5, 55, 87)], totals, 200
+        [_window(60, 50, 80), _window(90, 60, 85), _window(132, 100, 87)], totals, 200
     )
-    assert steady["p99_drift_pct"] == 15.0 and steady["rss_growth_pct"] == 8.75
+    assert steady["p99_drift_pct"] == 10.0 and steady["rss_growth_pct"] == 8.75
+    assert steady["via_epp_p99_drift_pct"] == 120.0
+    assert steady["added_p99_drift_ms"] == 22.0
     assert steady["passed"] is True and "rate_note" not in steady
-    assert steady["added_p99_window_spread_pct"] == 173.9  # (30 - 10) / 11.5
+    assert steady["added_p99_window_spread_pct"] == 73.3  # (32 - 10) / 30, the median
 
-    faster = summarize([_window(10, 50, 80), _window(5, 40, 70)], totals, 200)
-    assert faster["p99_drift_pct"] == -50.0 and faster["passed"] is True
+    faster = summarize([_window(60, 50, 80), _window(45, 50, 70)], totals, 200)
+    assert faster["p99_drift_pct"] == -25.0 and faster["passed"] is True
 
-    # A first added p99 under 1 ms counts as 1 ms: 0.2 -> 0.4 ms is +20 %, not +100 %.
-    tiny = summarize([_window(0.2, 50, 80), _window(0.4, 50, 80)], totals, 200)
-    assert tiny["p99_drift_pct"] == 20.0
-
-    slower = summarize([_window(10, 50, 80), _window(12.5, 50, 90, errors=1)], totals, 200)
+    # The EPP's path slowing down while the baseline holds still fails.
+    slower = summarize([_window(60, 50, 80), _window(75, 50, 90, errors=1)], totals, 200)
+    assert slower["p99_drift_pct"] == 25.0
     assert slower["targets"]["p99_drift_pct"]["met"] is False
     assert slower["targets"]["rss_growth_pct"]["met"] is False
     assert slower["targets"]["total_errors"] == {"value": 1, "target": "== 0", "met": False}
     assert slower["passed"] is False
 
-    short = summarize([_window(10, 50, 80)], {**totals, "achieved_rate_per_s": 150.0}, 200)
+    missing = summarize([_window(60, math.nan, 80), _window(60, 50, 80)], totals, 200)
+    assert math.isnan(missing["p99_drift_pct"])
+    assert missing["targets"]["p99_drift_pct"]["met"] is False
+
+    short = summarize([_window(60, 50, 80)], {**totals, "achieved_rate_per_s": 150.0}, 200)
     assert "150" in short["rate_note"]
