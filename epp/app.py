@@ -27,6 +27,7 @@ from epp.datalayer.scraper import MetricsScraper
 from epp.director import Director, DirectorConfig, worker_label
 from epp.discovery.kv_sources import sync_event_sources
 from epp.discovery.static import EndpointsChange, EndpointsFileWatcher
+from epp.extproc.h2server import H2Limits
 from epp.extproc.server import DEFAULT_MAX_MESSAGE, ExtProcServer, ServerConfig
 from epp.extproc.stream import StreamLimits
 from epp.kvevents.subscriber import KvEventSubscriber
@@ -162,6 +163,14 @@ class EppApp:
                 limits=StreamLimits(
                     max_body_bytes=opts.max_body_bytes, body_timeout=opts.request_body_timeout
                 ),
+                listener=H2Limits(
+                    max_connections=opts.max_connections,
+                    handshake_timeout=opts.tls_handshake_timeout,
+                    idle_timeout=opts.idle_connection_timeout,
+                    max_resets_per_second=opts.max_stream_resets,
+                    max_control_frames_per_second=opts.max_control_frames,
+                ),
+                client_ca=opts.client_ca,
             ),
             self.is_serving,
             after_large=self.trimmer.request,

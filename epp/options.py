@@ -144,6 +144,7 @@ G_TOKENS = "kvpick: tokenization and KV events"
 G_COST = "kvpick: scheduling and cost"
 G_LOAD = "kvpick: load bookkeeping and overload"
 G_LIMITS = "kvpick: request limits"
+G_LISTENER = "kvpick: the ext_proc listener"
 G_DIAG = "kvpick: diagnostics"
 G_COMPAT = "Accepted for compatibility with the reference EPP and ignored"
 GROUPS: tuple[str, ...] = (
@@ -156,6 +157,7 @@ GROUPS: tuple[str, ...] = (
     G_COST,
     G_LOAD,
     G_LIMITS,
+    G_LISTENER,
     G_DIAG,
     G_COMPAT,
 )
@@ -361,6 +363,28 @@ FLAGS: tuple[FlagSpec, ...] = (
     _own("preprocess-timeout", "seconds", "preprocess_timeout", 10.0, G_LIMITS,
          "time budget of a large request in the preprocessing pool, waiting included; "
          "beyond it the request gets 504", metavar="DURATION", lo=0, lo_open=True),
+    # --- kvpick: the ext_proc listener --------------------------------------------------------
+    _own("client-ca", "str", "client_ca", None, G_LISTENER,
+         "CA bundle (PEM) the ext_proc port verifies client certificates against: only a "
+         "client holding a certificate it signed may connect (mutual TLS)", metavar="FILE",
+         shown="no client certificate asked for"),
+    _own("max-connections", "int", "max_connections", 1024, G_LISTENER,
+         "open connections the ext_proc port accepts; a connection beyond it is closed at "
+         "once", metavar="N", lo=1),
+    _own("tls-handshake-timeout", "seconds", "tls_handshake_timeout", 10.0, G_LISTENER,
+         "a connection that has not finished its TLS handshake (or, in plaintext, sent the "
+         "HTTP/2 preface) this long after it opened is closed", metavar="DURATION", lo=0,
+         lo_open=True),
+    _own("idle-connection-timeout", "seconds", "idle_connection_timeout", 300.0, G_LISTENER,
+         "a connection with no open stream for this long gets GOAWAY and is closed; 0: never",
+         metavar="DURATION", lo=0, none_if_zero=True),
+    _own("max-stream-resets", "int", "max_stream_resets", 1000, G_LISTENER,
+         "streams a client may reset per connection per second; beyond it the connection "
+         "gets GOAWAY ENHANCE_YOUR_CALM (the rapid-reset defence)", metavar="N", lo=1),
+    _own("max-control-frames", "int", "max_control_frames", 200, G_LISTENER,
+         "SETTINGS, PING, PRIORITY and empty DATA frames a client may send per connection "
+         "per second; beyond it the connection gets GOAWAY ENHANCE_YOUR_CALM", metavar="N",
+         lo=1),
     # --- kvpick: diagnostics -----------------------------------------------------------------
     _own("decision-log-size", "int", "decision_log_size", 256, G_DIAG,
          "recent routing decisions kept for the debug endpoint (0: none)", metavar="N", lo=0),
@@ -699,6 +723,13 @@ class EppOptions:
     preprocess_threads: int = 2
     preprocess_queue: int = 32
     preprocess_timeout: float = 10.0
+    # The ext_proc listener.
+    client_ca: str | None = None
+    max_connections: int = 1024
+    tls_handshake_timeout: float = 10.0
+    idle_connection_timeout: float | None = 300.0
+    max_stream_resets: int = 1000
+    max_control_frames: int = 200
     # Diagnostics.
     decision_log_size: int = 256
     # What the parser saw.

@@ -37,6 +37,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote
 
@@ -77,6 +78,23 @@ TURN_BYTES = 256 * 1024
 """Bytes of frames one connection reads, and separately writes, per turn of the event loop;
 the rest waits for the next turn, so that one connection's large body costs other
 connections at most about a millisecond at a time."""
+
+
+@dataclass(frozen=True, slots=True)
+class H2Limits:
+    """What one listener lets its clients do (the ``--max-connections`` … flags)."""
+
+    max_connections: int = 1024
+    """Open connections; one beyond is closed as soon as it is accepted."""
+    handshake_timeout: float = 10.0
+    """Seconds from accept to a finished TLS handshake (plaintext: the HTTP/2 preface)."""
+    idle_timeout: float | None = 300.0
+    """Seconds a connection may have no open stream before GOAWAY and close; None: no
+    limit."""
+    max_resets_per_second: int = 1000
+    """Streams the client may reset per connection per second (rapid reset)."""
+    max_control_frames_per_second: int = 200
+    """SETTINGS, PING, PRIORITY and empty DATA frames per connection per second."""
 
 
 class StreamHandler(Protocol):
@@ -724,8 +742,10 @@ class H2Server:
         max_message: int,
         ssl_context: ssl.SSLContext | None = None,
         max_send: int | None = None,
+        limits: H2Limits | None = None,
     ) -> None:
         self._handlers = {k.encode(): v for k, v in handlers.items()}
+        self.limits = limits if limits is not None else H2Limits()
         self._max_message = max_message
         self.max_send = max_send  # None: no limit on the messages handlers send
         self._ssl = ssl_context

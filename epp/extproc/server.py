@@ -51,6 +51,10 @@ class ServerConfig:
     cert_reload_interval: float = cert_watch.DEFAULT_INTERVAL
     limits: StreamLimits = field(default_factory=StreamLimits)
     """Request body limits applied on every ext_proc stream."""
+    listener: h2server.H2Limits = field(default_factory=h2server.H2Limits)
+    """What a client of the ext_proc port may do (the ``h2`` transport)."""
+    client_ca: str | None = None
+    """PEM CA bundle: when set, clients must present a certificate it signed (mTLS)."""
 
 
 TRANSPORTS = ("h2", "grpcio")
@@ -198,7 +202,11 @@ class ExtProcServer:
         if cfg.health_on_grpc_port:
             handlers[f"/{health.SERVICE}/Check"] = lambda _emit: _HealthCall(lambda _name: True)
         server = h2server.H2Server(
-            handlers, max_message=cfg.max_recv, ssl_context=context, max_send=cfg.max_send
+            handlers,
+            max_message=cfg.max_recv,
+            ssl_context=context,
+            max_send=cfg.max_send,
+            limits=cfg.listener,
         )
         is_serving = self._is_serving
         hserver = h2server.H2Server(
