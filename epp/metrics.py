@@ -145,6 +145,23 @@ EXTPROC_STREAMS = Gauge(
     "kvpick_extproc_streams",
     "ext_proc streams open now (one per HTTP request the gateway is processing).",
 )
+EXTPROC_CONNECTIONS = Gauge(
+    "kvpick_extproc_connections",
+    "Connections open now on the ext_proc port (the health port not included).",
+)
+EXTPROC_CONNECTIONS_CLOSED = Counter(
+    "kvpick_extproc_connections_closed",
+    "ext_proc connections the EPP closed itself, by reason: an RFC 9113 error code "
+    "(protocol_error, flow_control_error, frame_size_error, compression_error, ...), "
+    "rapid_reset, control_flood, max_connections, handshake_timeout, idle.",
+    ["reason"],
+)
+EXTPROC_STREAMS_ENDED = Counter(
+    "kvpick_extproc_streams_ended_by_epp",
+    "ext_proc streams the EPP ended with an error of its own, by reason "
+    "(resource_exhausted, invalid_argument, flow_control_error, refused, ...).",
+    ["reason"],
+)
 LOOP_LAG = Histogram(
     "kvpick_event_loop_lag_seconds",
     "How late the event loop ran a callback scheduled 10 ms ahead, sampled continuously: "
