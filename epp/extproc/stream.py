@@ -25,6 +25,13 @@ pass ``max_body_bytes`` (nothing more of it is kept), and with a 408 when it has
 arrived in full ``body_timeout`` seconds after its headers. Both count in
 ``kvpick_request_limit_refusals_total``.
 
+Bounded work (:data:`MESSAGE_ALLOWANCE`): a stream carries one HTTP request, so it may
+carry :data:`MESSAGE_ALLOWANCE` messages plus one more for every :data:`BYTES_PER_MESSAGE`
+bytes of messages it has carried; a stream past that (a flood of tiny or empty messages)
+ends with RESOURCE_EXHAUSTED. An empty ``ProcessingRequest``, or one with no request field,
+ends its stream with INVALID_ARGUMENT. Both raise
+:class:`~epp.extproc.stream_error.StreamError` from :meth:`ExtProcStream.handle`.
+
 Routing off the event loop: :meth:`Router.route` may return an awaitable instead of a
 :class:`Routed` (the director does so for large bodies, whose parsing and tokenizing run
 in worker threads). The stream then answers later through its ``emit`` callback, still in
@@ -47,6 +54,7 @@ import msgspec
 from epp import headers as H
 from epp import metrics as M
 from epp.extproc import wire
+from epp.extproc.stream_error import INVALID_ARGUMENT, RESOURCE_EXHAUSTED, StreamError
 from epp.response_usage import Usage, UsageTail
 
 log = logging.getLogger(__name__)
@@ -94,6 +102,14 @@ class StreamLimits:
     """Seconds from the request headers to the end of the body before a 408
     (``--request-body-timeout``)."""
 
+
+MESSAGE_ALLOWANCE = 1024
+"""Messages any stream may carry whatever their size: far more than the headers, trailers
+and response phases of a request need, and than a body sent in small chunks."""
+BYTES_PER_MESSAGE = 12
+"""Each this many bytes carried allow one more message: a body or a streamed response in
+messages of this size or larger is never cut short, however long it is (the smallest SSE
+event, ``data: {}`` and its blank line, makes a 14-byte message)."""
 
 LARGE_BODY = 1 << 20
 """A request body this large makes the stream call its ``after_large`` hook once the
@@ -203,6 +219,7 @@ class ExtProcStream:
         "_after_large",
         "_body",
         "_body_timer",
+        "_carried",
         "_closed",
         "_done_request",
         "_emit",
@@ -212,6 +229,7 @@ class ExtProcStream:
         "_held",
         "_large",
         "_limits",
+        "_messages",
         "_metadata",
         "_pairs",
         "_pending",
@@ -235,6 +253,8 @@ class ExtProcStream:
         self._emit = emit
         self._after_large = after_large
         self._large = False
+        self._messages = 0
+        self._carried = 0
         M.EXTPROC_STREAMS.inc()
         self._pairs: list[tuple[str, str]] = []
         self._headers: dict[str, str] = {}
@@ -262,7 +282,19 @@ class ExtProcStream:
     # ------------------------------------------------------------- dispatch
 
     def handle(self, data: bytes) -> Sequence[bytes]:
-        """The responses to one encoded ``ProcessingRequest`` (possibly none)."""
+        """The responses to one encoded ``ProcessingRequest`` (possibly none); raises
+        :class:`StreamError` when the stream must end (see the module docstring)."""
+        self._messages += 1
+        self._carried += len(data)
+        if self._messages > MESSAGE_ALLOWANCE + self._carried // BYTES_PER_MESSAGE:
+            raise StreamError(
+                RESOURCE_EXHAUSTED,
+                "message_allowance",
+                f"{self._messages} messages carrying {self._carried} bytes on one ext_proc "
+                "stream: more than one HTTP request produces",
+            )
+        if not data:
+            raise StreamError(INVALID_ARGUMENT, "empty_message", "empty ProcessingRequest")
         if self._aborted:
             return ()
         try:
@@ -291,8 +323,9 @@ class ExtProcStream:
         if kind == wire.RESPONSE_TRAILERS:
             self._finish("complete" if self._response_status < 400 else "error")
             return (wire.encode_trailers_response(request=False),)
-        log.warning("ext_proc message with no request field ignored")
-        return ()
+        raise StreamError(
+            INVALID_ARGUMENT, "no_request_field", "ProcessingRequest without a request field"
+        )
 
     def close(self) -> None:
         """The stream ended: release whatever the exchange still holds."""

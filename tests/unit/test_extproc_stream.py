@@ -539,3 +539,66 @@ def test_the_large_body_hook_runs_once_per_large_request():
     small.handle(body(b"{}", True))
     small.close()
     assert calls == [1]
+
+
+# ------------------------------------------------------------------ bounded work per stream
+
+
+def test_an_empty_processing_request_ends_the_stream_with_invalid_argument():
+    from epp.extproc.stream_error import INVALID_ARGUMENT, StreamError
+
+    router = RecordingRouter()
+    s = ExtProcStream(router)
+    s.handle(hdrs(POST))
+    with pytest.raises(StreamError) as info:
+        s.handle(b"")
+    assert info.value.code == INVALID_ARGUMENT and info.value.reason == "empty_message"
+
+
+def test_a_processing_request_without_a_request_field_is_invalid_argument():
+    from epp.extproc.stream_error import INVALID_ARGUMENT, StreamError
+
+    only_metadata = bytes(
+        ep.ProcessingRequest(metadata_context=core.Metadata(filter_metadata={"x": pb.Struct()}))
+    )
+    assert only_metadata  # not empty: it carries metadata, and no request
+    with pytest.raises(StreamError) as info:
+        ExtProcStream(RecordingRouter()).handle(only_metadata)
+    assert info.value.code == INVALID_ARGUMENT and info.value.reason == "no_request_field"
+
+
+def _in_response_phase() -> ExtProcStream:
+    s = ExtProcStream(RecordingRouter())
+    s.handle(hdrs(POST))
+    s.handle(body(b"{}", True))
+    s.handle(hdrs([(":status", "200")], response=True))
+    return s
+
+
+def test_a_flood_of_tiny_messages_is_resource_exhausted():
+    from epp.extproc.stream import BYTES_PER_MESSAGE, MESSAGE_ALLOWANCE
+    from epp.extproc.stream_error import RESOURCE_EXHAUSTED, StreamError
+
+    s = _in_response_phase()
+    tiny = body(b"x", False, response=True)
+    sent = 3
+    assert len(tiny) < BYTES_PER_MESSAGE
+    with pytest.raises(StreamError) as info:
+        for _ in range(10 * MESSAGE_ALLOWANCE):
+            sent += 1
+            s.handle(tiny)
+    assert info.value.code == RESOURCE_EXHAUSTED and info.value.reason == "message_allowance"
+    # Cut off past the allowance: the bytes the tiny messages carry buy some more.
+    bound = MESSAGE_ALLOWANCE / (1 - len(tiny) / BYTES_PER_MESSAGE)
+    assert MESSAGE_ALLOWANCE < sent <= 1.1 * bound  # (the first messages carried more)
+
+
+def test_a_long_streamed_response_in_ordinary_chunks_is_never_cut_short():
+    from epp.extproc.stream import MESSAGE_ALLOWANCE
+
+    s = _in_response_phase()
+    chunk = body(b"data: {}\n\n", False, response=True)  # the smallest SSE event
+    for _ in range(10 * MESSAGE_ALLOWANCE):  # far more chunks than the allowance alone
+        (o,) = parse(s.handle(chunk))
+        assert o.response_body.response.body_mutation.streamed_response.body
+    assert parse(s.handle(body(b"", True, response=True)))
