@@ -19,10 +19,23 @@ What it implements (RFC 9113 and the gRPC-over-HTTP/2 wire format), and what it 
 * every stream's handler is closed exactly once: on the client's end of stream, on
   RST_STREAM, or when the connection is lost;
 * protocol violations close the connection with GOAWAY and the right error code;
-* bounded work per turn of the event loop: at most :data:`TURN_BYTES` of frames are parsed
-  and at most as much written per connection before the loop serves others (reading pauses
+* bounded work per turn of the event loop: a connection parses frames and delivers
+  messages for at most :data:`TURN_SECONDS` (and :data:`TURN_BYTES` of frames) before the
+  loop serves others, and writes at most :data:`TURN_BYTES`; messages left over inside a
+  frame wait on their stream, in order, for the connection's next turn (reading pauses
   meanwhile, so the peer is held back by TCP and HTTP/2 flow control, not by buffering
-  here).
+  here). One connection's backlog delays another connection's next message by at most
+  about :data:`TURN_SECONDS` plus the one message being handled;
+* a handler that raises :class:`~epp.extproc.stream_error.StreamError` ends its stream
+  with the status it names (counted in ``kvpick_extproc_streams_ended_by_epp``);
+* connection limits (:class:`H2Limits`): at most ``max_connections`` open (more are
+  closed at once), a TLS handshake or plaintext preface within ``handshake_timeout``, and a
+  connection with no open stream for ``idle_timeout`` told GOAWAY (first with the largest
+  stream id, so a stream the peer sent meanwhile is still served) and closed; each counted
+  in ``kvpick_extproc_connections_closed{reason}``;
+* memory: a TLS connection reads through a 16 KiB buffer (one TLS record) instead of
+  asyncio's 256 KiB, so an idle connection costs tens of kilobytes, and ``after_close``
+  (the EPP's heap trimmer) runs when connections close.
 
 Handlers are synchronous: ``handle(bytes)`` returns the messages to send back, and
 ``close()`` releases the stream. A handler factory is given the stream's ``emit`` callback,
@@ -36,12 +49,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
+from asyncio import sslproto
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote
 
 import hpack
+
+from epp import metrics as M
+from epp.extproc.stream_error import StreamError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +97,16 @@ TURN_BYTES = 256 * 1024
 """Bytes of frames one connection reads, and separately writes, per turn of the event loop;
 the rest waits for the next turn, so that one connection's large body costs other
 connections at most about a millisecond at a time."""
+TURN_SECONDS = 0.0003
+"""Time one connection may spend parsing frames and handling messages in one turn of the
+event loop; checked after each frame and each message, so at least one goes through."""
+TLS_READ_BUFFER = 16 * 1024
+"""The read buffer of a TLS connection: one TLS record's worth of plaintext."""
+IDLE_SWEEP_SECONDS = 1.0
+"""How often the listener looks for connections past their handshake or idle timeout."""
+FINAL_GOAWAY_SECONDS = 1.0
+"""After the first GOAWAY of an idle close, how long a stream the peer sent meanwhile can
+still begin before the connection closes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +200,10 @@ def _grpc_message(payload: bytes) -> bytes:
 
 class _Stream:
     __slots__ = (
+        "backlog",
         "buf",
         "closed_local",
+        "end_after_backlog",
         "handler",
         "headers_sent",
         "id",
@@ -186,6 +217,8 @@ class _Stream:
         self.id = stream_id
         self.handler = handler
         self.buf = bytearray()
+        self.backlog: bytes | memoryview | None = None  # messages left for the next turn
+        self.end_after_backlog = False  # END_STREAM came while the backlog waited
         self.send_window = send_window
         self.pending: list[tuple[bytes, bool]] = []  # (DATA payload, last) waiting for window
         self.recv_unacked = 0
@@ -227,13 +260,29 @@ class H2Connection(asyncio.Protocol):
         self._input_backlog = False  # frames left unparsed until the next turn
         self._output_due = False  # output left for the next turn
         self._turn_out = 0  # bytes of frames written this turn
+        self._deadline = 0.0  # perf_counter() at which this turn's input work should stop
+        self._stalled: deque[_Stream] = deque()  # streams with messages left for next turn
+        self._opened = time.monotonic()
+        self._idle_since: float | None = None  # set by the listener's sweep
+        self._close_at: float | None = None  # an idle close's final GOAWAY is due then
+        self.peer = "?"
 
     # ------------------------------------------------------------- transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._server._connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        server = self._server
+        if len(server._connections) >= server.limits.max_connections:
+            self._closed = True
+            M.EXTPROC_CONNECTIONS_CLOSED.labels("max_connections").inc()
+            server.note_refused(self.peer)
+            transport.abort()
+            return
+        server._connections.add(self)
+        M.EXTPROC_CONNECTIONS.set(len(server._connections))
         settings = b"".join(
             k.to_bytes(2, "big") + v.to_bytes(4, "big")
             for k, v in (
@@ -251,10 +300,17 @@ class H2Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._server._connections.discard(self)
+        server = self._server
+        if self in server._connections:
+            server._connections.discard(self)
+            M.EXTPROC_CONNECTIONS.set(len(server._connections))
+            if server.after_close is not None:
+                server.after_close()
         streams, self._streams = self._streams, {}
         self._blocked.clear()
+        self._stalled.clear()
         for st in streams.values():
+            st.backlog = None
             self._close_handler(st)
 
     def data_received(self, data: bytes) -> None:
@@ -262,6 +318,7 @@ class H2Connection(asyncio.Protocol):
             self._inbuf += data  # parsed in turn, after what came first
             return
         self._turn_out = 0
+        self._deadline = time.perf_counter() + TURN_SECONDS
         self._parse(data)
 
     def _continue_input(self) -> None:
@@ -269,9 +326,35 @@ class H2Connection(asyncio.Protocol):
             return
         self._input_backlog = False
         self._turn_out = 0
+        self._deadline = time.perf_counter() + TURN_SECONDS
+        if self._stalled and not self._drain_stalled():
+            self._defer_input()
+            self._flush()
+            return
         self._parse(b"")
         if not self._input_backlog and self._transport is not None and not self._closed:
             self._transport.resume_reading()
+
+    def _drain_stalled(self) -> bool:
+        """Delivers the messages streams left from earlier turns, oldest first, within this
+        turn's time; True when none is left."""
+        stalled = self._stalled
+        while stalled:
+            st = stalled[0]
+            data, st.backlog = st.backlog, None
+            if data is not None and not st.closed_local:
+                self._messages(st, data)
+                if st.backlog is not None:
+                    return False  # out of time again, inside this stream
+            stalled.popleft()
+            if st.end_after_backlog:
+                st.end_after_backlog = False
+                self._remote_end(st)
+            if self._closed:
+                return True
+            if stalled and time.perf_counter() >= self._deadline:
+                return False
+        return True
 
     def _parse(self, data: bytes) -> None:
         # Frames are sliced straight out of ``data``; only a partial frame left over from
@@ -312,6 +395,9 @@ class H2Connection(asyncio.Protocol):
                 self._frame(ftype, flags, sid, bytes(payload) if buf is leftover else payload)
                 if self._closed:
                     return
+                if self._stalled or (end - pos >= 9 and time.perf_counter() >= self._deadline):
+                    self._defer_input()
+                    break
             if buf is leftover:
                 del leftover[:pos]
             elif pos < len(buf):
@@ -483,14 +569,22 @@ class H2Connection(asyncio.Protocol):
         if st.recv_unacked >= RECV_WINDOW // 2 and not flags & END_STREAM:
             self._out.append(_frame(WINDOW_UPDATE, 0, sid, st.recv_unacked.to_bytes(4, "big")))
             st.recv_unacked = 0
-        if not st.closed_local:
+        if st.backlog is not None:
+            # Messages of this stream wait from an earlier frame; these come after them.
+            st.backlog = bytes(st.backlog) + data
+        elif not st.closed_local:
             self._messages(st, data)
         if flags & END_STREAM:
-            self._remote_end(st)
+            if st.backlog is not None:
+                st.end_after_backlog = True
+            else:
+                self._remote_end(st)
 
-    def _messages(self, st: _Stream, data: bytes) -> None:
+    def _messages(self, st: _Stream, data: bytes | memoryview) -> None:
         """Delivers the whole gRPC messages ``data`` completes; keeps a partial one in
-        ``st.buf``. Messages are sliced from ``data`` itself unless one spans frames."""
+        ``st.buf``. Messages are sliced from ``data`` itself unless one spans frames. When
+        the turn's time runs out with whole messages left, they are kept in
+        ``st.backlog`` and the stream joins the connection's stalled streams."""
         held = st.buf
         src = _continued(held, data)
         pos = 0
@@ -508,7 +602,13 @@ class H2Connection(asyncio.Protocol):
             elif end - pos - 5 >= size:
                 message = src[pos + 5 : pos + 5 + size]
                 pos += 5 + size
-                self._deliver(st, bytes(message) if src is held else message)
+                self._deliver(st, message if type(message) is bytes else bytes(message))
+                if end - pos >= 5 and not st.closed_local and time.perf_counter() >= self._deadline:
+                    # Out of time: the rest waits for this connection's next turn.
+                    st.backlog = bytes(src[pos:]) if src is held else memoryview(src)[pos:]
+                    held.clear()
+                    self._stalled.append(st)
+                    return
                 continue
             break
         if st.closed_local:
@@ -524,6 +624,11 @@ class H2Connection(asyncio.Protocol):
             return
         try:
             replies = handler.handle(message)
+        except StreamError as exc:
+            M.EXTPROC_STREAMS_ENDED.labels(exc.reason).inc()
+            log.info("ending stream %d from %s: %s", st.id, self.peer, exc)
+            self._finish(st, exc.code, str(exc))
+            return
         except Exception:
             log.exception("ext_proc stream %d failed", st.id)
             self._finish(st, GRPC_INTERNAL, "internal error")
@@ -725,15 +830,72 @@ class H2Connection(asyncio.Protocol):
             except Exception:
                 log.exception("closing ext_proc stream %d failed", st.id)
 
+    def sweep(self, now: float, limits: H2Limits) -> None:
+        """The listener's periodic look at this connection: the plaintext preface timeout,
+        and the idle close (a first GOAWAY naming the largest stream id, then, once
+        :data:`FINAL_GOAWAY_SECONDS` have passed with no stream open, the real one)."""
+        if self._closed:
+            return
+        if not self._preface_seen:
+            if now - self._opened >= limits.handshake_timeout:
+                self._close_for("handshake_timeout", "no HTTP/2 preface in time")
+            return
+        if self._streams:
+            self._idle_since = None
+            return
+        if self._close_at is not None:
+            if now >= self._close_at:
+                self._close_for("idle", "")
+            return
+        if limits.idle_timeout is None:
+            return
+        if self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since >= limits.idle_timeout and not self._going_away:
+            self._out.append(
+                _frame(GOAWAY, 0, 0, MAX_WINDOW.to_bytes(4, "big") + NO_ERROR.to_bytes(4, "big"))
+            )
+            self._close_at = now + FINAL_GOAWAY_SECONDS
+            self._flush()
+
+    def _close_for(self, reason: str, why: str) -> None:
+        """GOAWAY (NO_ERROR, the last stream id taken) and close, counted by ``reason``."""
+        M.EXTPROC_CONNECTIONS_CLOSED.labels(reason).inc()
+        if why:
+            log.info("closing connection from %s: %s", self.peer, why)
+        self._out.append(self._goaway(NO_ERROR))
+        out, self._out = self._out, []
+        self._closed = True
+        if self._transport is not None:
+            self._transport.write(b"".join(out))
+            self._transport.close()
+
     @property
     def open_streams(self) -> int:
         return len(self._streams)
 
 
+class _TlsProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS layer with a read buffer of :data:`TLS_READ_BUFFER` bytes.
+
+    asyncio gives every TLS connection a 256 KiB read buffer for as long as it is open;
+    the listener makes its TLS connections itself (the same class asyncio uses, through its
+    constructor) so that an idle one costs a small fraction of that. Reads stay one TLS
+    record at a time, which is what OpenSSL decrypts in one step anyway."""
+
+    max_size = TLS_READ_BUFFER
+
+    def _check_handshake_timeout(self) -> None:
+        if getattr(self, "_state", None) == sslproto.SSLProtocolState.DO_HANDSHAKE:
+            M.EXTPROC_CONNECTIONS_CLOSED.labels("handshake_timeout").inc()
+        super()._check_handshake_timeout()  # type: ignore[misc]
+
+
 class H2Server:
     """Listens on one port and serves ``handlers`` (gRPC path → factory) over HTTP/2,
     TLS with ALPN ``h2`` when ``ssl_context`` is given, cleartext (prior knowledge)
-    otherwise."""
+    otherwise; ``limits`` bounds what clients may do (see the module docstring), and
+    ``after_close`` runs whenever a connection closes."""
 
     def __init__(
         self,
@@ -743,33 +905,73 @@ class H2Server:
         ssl_context: ssl.SSLContext | None = None,
         max_send: int | None = None,
         limits: H2Limits | None = None,
+        after_close: Callable[[], None] | None = None,
     ) -> None:
         self._handlers = {k.encode(): v for k, v in handlers.items()}
         self.limits = limits if limits is not None else H2Limits()
         self._max_message = max_message
         self.max_send = max_send  # None: no limit on the messages handlers send
         self._ssl = ssl_context
+        self.after_close = after_close
         self._server: asyncio.Server | None = None
         self._connections: set[H2Connection] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._refused_logged = 0.0
         self.port = 0
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        conn = H2Connection(self._handlers, self._max_message, self)
+        if self._ssl is None:
+            return conn
+        return _TlsProtocol(
+            asyncio.get_running_loop(),
+            conn,
+            self._ssl,
+            None,
+            server_side=True,
+            ssl_handshake_timeout=self.limits.handshake_timeout,
+        )
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: H2Connection(self._handlers, self._max_message, self),
+            self._protocol,
             host=None if host in ("", "0.0.0.0", "::") else host,
             port=port,
-            ssl=self._ssl,
             reuse_address=True,
             backlog=1024,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = asyncio.ensure_future(self._sweep())
         return self.port
+
+    def note_refused(self, peer: str) -> None:
+        """Logs a connection refused for ``max_connections``, at most once a second."""
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:
+            self._refused_logged = now
+            log.warning(
+                "refusing a connection from %s: %d connections open (--max-connections)",
+                peer,
+                len(self._connections),
+            )
+
+    async def _sweep(self) -> None:
+        """Closes plaintext connections that never sent the preface, and idle ones."""
+        limits = self.limits
+        while True:
+            await asyncio.sleep(IDLE_SWEEP_SECONDS)
+            now = time.monotonic()
+            for conn in list(self._connections):
+                conn.sweep(now, limits)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Refuse new streams (GOAWAY), give open ones ``grace`` seconds, then close."""
         if self._server is None:
             return
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self._server.close()
         for conn in list(self._connections):
             conn.go_away()

@@ -20,8 +20,10 @@ from typing import Any
 
 import grpc
 
+from epp import metrics as M
 from epp.extproc import cert_watch, h2server, health, tls
 from epp.extproc.stream import ExtProcStream, Router, StreamLimits
+from epp.extproc.stream_error import StreamError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class ServerConfig:
 
 
 TRANSPORTS = ("h2", "grpcio")
+_STATUS = {status.value[0]: status for status in grpc.StatusCode}
 
 
 class _HealthCall:
@@ -118,7 +121,11 @@ def process_handler(
         try:
             while (reply := await out.get()) is not None:
                 yield reply
-            await reader  # re-raises what ended the request stream, if anything did
+            try:
+                await reader  # re-raises what ended the request stream, if anything did
+            except StreamError as exc:
+                M.EXTPROC_STREAMS_ENDED.labels(exc.reason).inc()
+                await context.abort(_STATUS[exc.code], str(exc))
         finally:
             reader.cancel()
             stream.close()
@@ -207,6 +214,8 @@ class ExtProcServer:
             ssl_context=context,
             max_send=cfg.max_send,
             limits=cfg.listener,
+            # The trimmer: a closed TLS connection frees its buffers to malloc's heap.
+            after_close=self._after_large,
         )
         is_serving = self._is_serving
         hserver = h2server.H2Server(
