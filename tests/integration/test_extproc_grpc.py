@@ -446,6 +446,34 @@ async def test_bad_json_gets_an_immediate_400_with_a_json_body(tmp_path: pathlib
         assert zero_load(app)
 
 
+async def test_an_empty_message_ends_the_stream_with_invalid_argument(
+    tmp_path: pathlib.Path,
+) -> None:
+    """On either transport: the stream ends with gRPC status INVALID_ARGUMENT, counted, and
+    the EPP serves the next stream normally."""
+
+    def ended() -> float:
+        value = REGISTRY.get_sample_value(
+            "kvpick_extproc_streams_ended_by_epp_total", {"reason": "empty_message"}
+        )
+        return value or 0.0
+
+    async with running_epp(tmp_path) as app, channel_to(app) as ch:
+        before = ended()
+        call = ch.stream_stream(PROCESS)()
+        await call.write(bytes(request_headers(rid="e1")))
+        await call.write(b"")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "empty" in (info.value.details() or "")
+        assert ended() == before + 1
+        await until(lambda: zero_load(app), 5, "the booking released")
+        first, _ = await route_once(ch, completions())
+        assert lb_destination(first) in ADDRESSES
+
+
 # ------------------------------------------------------------------------------- TLS
 
 
