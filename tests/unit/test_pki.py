@@ -1,5 +1,5 @@
-"""The test CA (epp/extproc/pki.py), checked with cryptography's own RFC 5280 path
-validation, an independent verifier."""
+"""The test CA (epp/extproc/pki.py) and reading a client CA bundle (epp/extproc/tls.py),
+checked with cryptography's own RFC 5280 path validation, an independent verifier."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_write_set_lays_out_what_the_epp_and_envoy_are_given(tmp_path: Path) -> 
     files = pki.write_set(tmp_path / "mtls")
     assert files.ca == tmp_path / "mtls" / "ca.crt"
     key, cert = tls.load(files.epp_dir)  # what --cert-path reads
-    assert tls.server_context(key, cert) is not None
+    assert tls.server_context(key, cert, tls.load_client_ca(files.ca)) is not None
     assert stat.S_IMODE(files.gateway_key.stat().st_mode) & 0o077 == 0
     gateway = _cert(files.gateway_cert.read_bytes())
     assert gateway.issuer == _cert(files.ca.read_bytes()).subject
@@ -57,3 +57,50 @@ def test_the_command_writes_a_set(tmp_path: Path, capsys: pytest.CaptureFixture[
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["epp.example"]
     assert str(tmp_path / "ca.crt") in capsys.readouterr().out
+
+
+def test_a_client_ca_bundle_keeps_only_its_certificates(tmp_path: Path) -> None:
+    one, two = pki.CertificateAuthority("one"), pki.CertificateAuthority("two")
+    path = tmp_path / "bundle.pem"
+    path.write_bytes(b"# comment\n" + one.cert_pem + one.key_pem + two.cert_pem)
+    bundle = tls.load_client_ca(path)
+    assert [c.subject for c in x509.load_pem_x509_certificates(bundle)] == [
+        _cert(one.cert_pem).subject,
+        _cert(two.cert_pem).subject,
+    ]
+    assert b"PRIVATE KEY" not in bundle
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read"),
+        (b"", "holds no certificate"),
+        (pki.CertificateAuthority().key_pem, "holds no certificate"),
+        (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "cannot be read"),
+    ],
+)
+def test_an_unusable_client_ca_bundle_is_refused_naming_the_file(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "ca.crt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(tls.CertificateError) as info:
+        tls.load_client_ca(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_a_directory_is_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(tls.CertificateError, match=r"cannot read .*Is a directory"):
+        tls.load_client_ca(tmp_path)
+
+
+def test_a_listener_requiring_client_certificates_cannot_be_reloaded_without_a_ca() -> None:
+    ca = pki.CertificateAuthority()
+    pair = ca.issue_server()
+    reloadable = tls.ReloadableContext(pair.key_pem, pair.cert_pem, ca.cert_pem)
+    with pytest.raises(ValueError, match="requires client certificates"):
+        reloadable.replace(pair.key_pem, pair.cert_pem, None)
+    reloadable.replace(pair.key_pem, pair.cert_pem, pki.CertificateAuthority().cert_pem)
