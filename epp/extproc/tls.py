@@ -133,6 +133,12 @@ def server_context(
     if client_ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cadata=client_ca.decode("ascii"))
+        # No session resumption: a resumed session skips the client's certificate, so a
+        # session ticket made before the CA was replaced would still admit its holder
+        # (tickets outlive the switch to a new context). A gateway keeps its connections
+        # open, so a full handshake now and then costs it nothing that matters.
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
         # Only the handshake passes through this class, so the refusals it reports cost
         # nothing once a connection is up.
         ctx.sslobject_class = _ClientCheckedSSLObject

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -289,6 +290,63 @@ async def test_a_reload_keeps_requiring_client_certificates_and_takes_the_new_ca
         warnings = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
         assert len(warnings) == 1
         assert "holds no certificate" in warnings[0]
+    finally:
+        await server.stop(0)
+
+
+def connect_blocking(
+    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[str, bool, ssl.SSLSession | None]:
+    """One TLS connection offering ``session`` for resumption: (``admitted`` or
+    ``refused``, whether the session was resumed, the session to offer next time)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        try:
+            conn = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+        except (ssl.SSLError, ConnectionError):
+            return "refused", False, None
+        with conn:
+            try:
+                conn.sendall(PREFACE)
+                first = conn.recv(9)
+            except (ssl.SSLError, ConnectionError):
+                first = b""
+            verdict = "admitted" if first[3:4] == b"\x04" else "refused"
+            return verdict, conn.session_reused, conn.session
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
+)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_session_from_before_a_ca_change_is_not_resumed(
+    tmp_path: Path, transport: str, version: ssl.TLSVersion
+) -> None:
+    # A resumed TLS session skips the client certificate: one made under the old CA must
+    # not outlive it.
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    first, second = pki.CertificateAuthority("first"), pki.CertificateAuthority("second")
+    publish(secret, "v1", secret_files(first))
+    server = mtls_server(
+        transport, secret, secret / "ca.crt", cert_reload=True, cert_reload_interval=0.05
+    )
+    await server.start()
+    try:
+        port = server.grpc_port
+        old = Client(tmp_path / "old", first.cert_pem + second.cert_pem, first.issue_client())
+        ctx = old.ssl_context()
+        ctx.maximum_version = version
+        verdict, _, session = await asyncio.to_thread(connect_blocking, port, ctx)
+        assert verdict == "admitted" and session is not None
+        publish(secret, "v2", secret_files(second))
+        new = Client(tmp_path / "new", second.cert_pem, second.issue_client())
+
+        async def new_admitted() -> bool:
+            return await new.first_frame(port) == "admitted"
+
+        await eventually(new_admitted)
+        verdict, resumed, _ = await asyncio.to_thread(connect_blocking, port, ctx, session)
+        assert (verdict, resumed) == ("refused", False)
     finally:
         await server.stop(0)
 
