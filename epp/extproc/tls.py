@@ -234,8 +234,12 @@ class ReloadableContext:
     def replace(self, key_pem: bytes, cert_pem: bytes, client_ca: bytes | None = None) -> None:
         """Serve this pair (and verify clients against ``client_ca``) from the next
         handshake on; raises, changing nothing, when the pair is not usable, or when
-        ``client_ca`` is None for a listener that requires client certificates."""
-        if self.client_ca is not None and client_ca is None:
-            raise ValueError("this listener requires client certificates: a client CA is needed")
+        ``client_ca`` would change whether client certificates are required (fixed when the
+        listener was made: see the class docstring)."""
+        if (self.client_ca is None) != (client_ca is None):
+            needed = "requires" if self.client_ca is not None else "does not ask for"
+            raise ValueError(
+                f"this listener {needed} client certificates; a reload cannot change that"
+            )
         self._current = server_context(key_pem, cert_pem, client_ca)
         self.client_ca = client_ca

@@ -97,10 +97,16 @@ def test_a_directory_is_not_a_bundle(tmp_path: Path) -> None:
         tls.load_client_ca(tmp_path)
 
 
-def test_a_listener_requiring_client_certificates_cannot_be_reloaded_without_a_ca() -> None:
+def test_a_reload_cannot_change_whether_client_certificates_are_required() -> None:
     ca = pki.CertificateAuthority()
     pair = ca.issue_server()
-    reloadable = tls.ReloadableContext(pair.key_pem, pair.cert_pem, ca.cert_pem)
+    mtls = tls.ReloadableContext(pair.key_pem, pair.cert_pem, ca.cert_pem)
     with pytest.raises(ValueError, match="requires client certificates"):
-        reloadable.replace(pair.key_pem, pair.cert_pem, None)
-    reloadable.replace(pair.key_pem, pair.cert_pem, pki.CertificateAuthority().cert_pem)
+        mtls.replace(pair.key_pem, pair.cert_pem, None)
+    mtls.replace(pair.key_pem, pair.cert_pem, pki.CertificateAuthority().cert_pem)  # a new CA
+    # The listening context decides whether a certificate is asked for at all, so a
+    # listener made without a CA cannot start asking for one either.
+    plain = tls.ReloadableContext(pair.key_pem, pair.cert_pem)
+    with pytest.raises(ValueError, match="does not ask for client certificates"):
+        plain.replace(pair.key_pem, pair.cert_pem, ca.cert_pem)
+    plain.replace(pair.key_pem, pair.cert_pem)
