@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -231,8 +231,8 @@ async def stack(
         epp = EppProcess(tmp_path, endpoints, model, epp_args)
         await epp.start()
         cfg = GatewayConfig(listen_port=free_port(), admin_port=free_port(), epp_port=epp.grpc_port)
-        for key, value in (gateway or {}).items():
-            cfg = _replace(cfg, key, value)
+        # All at once: some fields are checked together (a client certificate and its key).
+        cfg = replace(cfg, **(gateway or {}))
         (tmp_path / "envoy").mkdir(exist_ok=True)
         envoy = EnvoyProcess(cfg, workdir=str(tmp_path / "envoy"))
         await asyncio.to_thread(envoy.start)
@@ -244,9 +244,3 @@ async def stack(
             epp.stop()
         for e in engines:
             e.stop()
-
-
-def _replace(cfg: GatewayConfig, key: str, value: Any) -> GatewayConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **{key: value})

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -93,6 +94,11 @@ def run(argv: Sequence[str]) -> int:
     if opts.ignored:
         logging.getLogger("epp").debug("flags ignored: %s", ", ".join(opts.ignored))
 
+    # gRPC's C core logs every failed TLS handshake at its default verbosity, one line per
+    # connection: a client retrying in a loop against --ext-proc-server=grpcio (say, one
+    # without the certificate --client-ca asks for) would flood the log. It reads this once,
+    # when grpc is first imported, just below; GRPC_VERBOSITY set by the operator wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from epp.app import EppApp, StartupError  # the heavy imports only once the flags are good
 
     try:

@@ -153,7 +153,8 @@ EXTPROC_CONNECTIONS_CLOSED = Counter(
     "kvpick_extproc_connections_closed",
     "ext_proc connections the EPP closed itself, by reason: an RFC 9113 error code "
     "(protocol_error, flow_control_error, frame_size_error, compression_error, ...), "
-    "rapid_reset, control_flood, max_connections, handshake_timeout, idle.",
+    "rapid_reset, control_flood, max_connections, handshake_timeout, idle, "
+    "client_certificate (refused by --client-ca; kvpick's own HTTP/2 server only).",
     ["reason"],
 )
 EXTPROC_STREAMS_ENDED = Counter(

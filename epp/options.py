@@ -366,7 +366,8 @@ FLAGS: tuple[FlagSpec, ...] = (
     # --- kvpick: the ext_proc listener --------------------------------------------------------
     _own("client-ca", "str", "client_ca", None, G_LISTENER,
          "CA bundle (PEM) the ext_proc port verifies client certificates against: only a "
-         "client holding a certificate it signed may connect (mutual TLS)", metavar="FILE",
+         "client holding a certificate it signed may connect (mutual TLS; needs TLS, so not "
+         "with --secure-serving=false; the health port stays open)", metavar="FILE",
          shown="no client certificate asked for"),
     _own("max-connections", "int", "max_connections", 1024, G_LISTENER,
          "open connections the ext_proc port accepts; a connection beyond it is closed at "
@@ -1032,6 +1033,14 @@ def _validate(values: dict[str, Any], origin: Mapping[str, str]) -> None:
         missing = [n for n in ("tls.crt", "tls.key") if not (cert_dir / n).is_file()]
         if missing:
             raise _fail("cert_path", origin, f"{str(cert_dir)!r} has no {' or '.join(missing)}")
+    if values["client_ca"] and not values["secure_serving"]:
+        # Client certificates are a TLS feature: without TLS the port would admit anyone.
+        raise _fail(
+            "client_ca",
+            origin,
+            "asks for client certificates, which need TLS on the ext_proc port; "
+            "it cannot be used with --secure-serving=false",
+        )
 
     path = values["model_server_metrics_path"]
     if not path or not path.startswith("/"):

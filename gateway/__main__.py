@@ -32,8 +32,33 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="failure_mode_allow: pass requests if the EPP is down",
     )
+    p.add_argument(
+        "--epp-client-cert",
+        metavar="FILE",
+        help="client certificate Envoy presents to the EPP (mutual TLS; with --epp-client-key)",
+    )
+    p.add_argument("--epp-client-key", metavar="FILE", help="private key of --epp-client-cert")
+    p.add_argument(
+        "--epp-ca",
+        metavar="FILE",
+        help="CA bundle to verify the EPP's certificate against (default: not verified)",
+    )
+    p.add_argument(
+        "--epp-server-name",
+        metavar="NAME",
+        help="SNI sent to the EPP; with --epp-ca, a DNS name its certificate must hold",
+    )
     args = p.parse_args(argv)
-    cfg = GatewayConfig(
+    try:
+        cfg = _config(args)
+    except ValueError as exc:
+        p.error(str(exc))
+    sys.stdout.write(render(cfg))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(
         listen_port=args.listen_port,
         admin_port=args.admin_port,
         epp_host=args.epp_host,
@@ -43,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         response_body_mode=args.body_mode,
         metadata_routing=args.metadata_routing,
         failure_mode_allow=args.fail_open,
+        epp_client_cert=args.epp_client_cert,
+        epp_client_key=args.epp_client_key,
+        epp_ca=args.epp_ca,
+        epp_server_name=args.epp_server_name,
     )
-    sys.stdout.write(render(cfg))
-    return 0
 
 
 if __name__ == "__main__":

@@ -52,6 +52,28 @@ class GatewayConfig:
     subset_hint: tuple[str, ...] | None = None
     """Endpoints to offer the EPP as the ``envoy.lb.subset_hint`` metadata on every request
     (what a gateway with endpoint subsetting sends); None sends no hint."""
+    epp_client_cert: str | None = None
+    """PEM certificate (chain) file Envoy presents to the EPP: what an EPP run with
+    ``--client-ca`` asks for (mutual TLS). Given together with ``epp_client_key``."""
+    epp_client_key: str | None = None
+    """The PEM private key file of ``epp_client_cert``."""
+    epp_ca: str | None = None
+    """PEM CA bundle file Envoy verifies the EPP's serving certificate against; None
+    accepts any certificate, as the reference gateways do."""
+    epp_server_name: str | None = None
+    """SNI Envoy sends to the EPP and, with ``epp_ca``, a DNS name the EPP's certificate
+    must hold (say ``epp.kvpick.svc``); None: no SNI, and any name under ``epp_ca`` will
+    do."""
+
+    def __post_init__(self) -> None:
+        if (self.epp_client_cert is None) != (self.epp_client_key is None):
+            raise ValueError("epp_client_cert and epp_client_key go together: give both or neither")
+        uses_tls = (self.epp_client_cert, self.epp_ca, self.epp_server_name)
+        if not self.epp_tls and any(v is not None for v in uses_tls):
+            raise ValueError(
+                "epp_client_cert, epp_ca and epp_server_name configure TLS to the EPP, "
+                "which epp_tls=False turns off"
+            )
 
 
 def _processing_mode(cfg: GatewayConfig) -> dict[str, str]:
@@ -104,13 +126,9 @@ def _ext_proc_cluster(cfg: GatewayConfig) -> dict[str, Any]:
         },
     }
     if cfg.epp_tls:
-        # As the reference gateways do: TLS to the EPP without verifying its certificate.
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": _T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "common_tls_context": {"alpn_protocols": ["h2"], "validation_context": {}},
-            },
+            "typed_config": _upstream_tls(cfg),
         }
     if cfg.ext_proc_health_check:
         cluster["health_checks"] = [
@@ -123,6 +141,34 @@ def _ext_proc_cluster(cfg: GatewayConfig) -> dict[str, Any]:
             }
         ]
     return cluster
+
+
+def _upstream_tls(cfg: GatewayConfig) -> dict[str, Any]:
+    """The ``UpstreamTlsContext`` of the connection to the EPP. By default as the reference
+    gateways do: TLS without verifying the EPP's certificate, and no client certificate."""
+    validation: dict[str, Any] = {}
+    if cfg.epp_ca is not None:
+        validation["trusted_ca"] = {"filename": cfg.epp_ca}
+        if cfg.epp_server_name is not None:
+            validation["match_typed_subject_alt_names"] = [
+                {"san_type": "DNS", "matcher": {"exact": cfg.epp_server_name}}
+            ]
+    common: dict[str, Any] = {"alpn_protocols": ["h2"], "validation_context": validation}
+    if cfg.epp_client_cert is not None:
+        # What the EPP's --client-ca verifies: Envoy presents it at every handshake.
+        common["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": cfg.epp_client_cert},
+                "private_key": {"filename": cfg.epp_client_key},
+            }
+        ]
+    tls: dict[str, Any] = {
+        "@type": _T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": common,
+    }
+    if cfg.epp_server_name is not None:
+        tls["sni"] = cfg.epp_server_name
+    return tls
 
 
 def _route_cluster(cfg: GatewayConfig) -> dict[str, Any]:

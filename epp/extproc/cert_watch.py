@@ -6,6 +6,9 @@ The watcher polls ``tls.crt`` and ``tls.key`` every ``interval`` seconds. It com
 applied only when both files read, parse and match each other. A half-written pair is
 retried at the next poll, and the certificate being served stays in place meanwhile.
 Connections already open keep the certificate they were made with.
+
+Other files can be watched with the pair (``also``: the ``--client-ca`` bundle); a change to
+any of them applies all of them together, through the same ``apply``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from epp.extproc import tls
@@ -29,13 +32,14 @@ DEFAULT_INTERVAL = 2.0
 Fingerprint = tuple[tuple[int, int, int, int], ...]
 
 
-def fingerprint(directory: str | Path) -> Fingerprint | None:
-    """What ``stat`` says of the pair (after following symlinks); None if one is missing."""
+def fingerprint(directory: str | Path, also: Sequence[str | Path] = ()) -> Fingerprint | None:
+    """What ``stat`` says of the pair and of the files ``also`` (after following
+    symlinks); None if one is missing."""
     directory = Path(directory)
     out = []
-    for name in ("tls.crt", "tls.key"):
+    for path in (directory / "tls.crt", directory / "tls.key", *map(Path, also)):
         try:
-            st = os.stat(directory / name)
+            st = os.stat(path)
         except OSError:
             return None
         out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
@@ -52,16 +56,19 @@ class CertWatcher:
         interval: float = DEFAULT_INTERVAL,
         *,
         seen: Fingerprint | None = None,
+        also: Sequence[str | Path] = (),
     ) -> None:
         """``seen``: the fingerprint taken before the pair being served was read (so that a
-        change during that read is not missed); by default, the files as they are now."""
+        change during that read is not missed); by default, the files as they are now.
+        ``also``: more files whose change means reloading (``apply`` reads them itself)."""
         if interval <= 0:
             raise ValueError(f"interval must be > 0, got {interval}")
         self.directory = Path(cert_dir)
+        self.also = tuple(Path(p) for p in also)
         self.interval = interval
         self.reloads = 0  # certificates applied since start, for tests and logs
         self._apply = apply
-        self._seen = seen if seen is not None else fingerprint(self.directory)
+        self._seen = seen if seen is not None else fingerprint(self.directory, self.also)
         self._refused: Fingerprint | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -78,7 +85,7 @@ class CertWatcher:
         """Apply the files if they changed and are valid; True when a new pair was applied."""
         # Taken before reading, so that a change made while the files are read shows as a
         # new fingerprint at the next poll.
-        now = fingerprint(self.directory)
+        now = fingerprint(self.directory, self.also)
         if now is None or now == self._seen or now == self._refused:
             return False
         try:

@@ -8,6 +8,10 @@ Two implementations serve the same methods, chosen by ``ServerConfig.transport``
 
 Either way messages go through :mod:`epp.extproc.wire`, not generated protobuf classes,
 because the per-message cost bounds how many token streams one EPP relays.
+
+With ``ServerConfig.client_ca`` both transports require a client certificate signed by
+that CA (mutual TLS) on the ext_proc port; the health port stays plaintext and open, as
+kubelet probes need it.
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ class ServerConfig:
     listener: h2server.H2Limits = field(default_factory=h2server.H2Limits)
     """What a client of the ext_proc port may do (the ``h2`` transport)."""
     client_ca: str | None = None
-    """PEM CA bundle: when set, clients must present a certificate it signed (mTLS)."""
+    """PEM CA bundle file: when set, ext_proc clients must present a certificate it signed
+    (mutual TLS); needs ``secure``. With ``cert_reload`` a changed bundle applies from the
+    next handshake, like a changed certificate."""
 
 
 TRANSPORTS = ("h2", "grpcio")
@@ -160,6 +166,11 @@ class ExtProcServer:
     def _credentials(self) -> tuple[bytes, bytes, str] | None:
         cfg = self.config
         if not cfg.secure:
+            if cfg.client_ca:
+                raise tls.CertificateError(
+                    "a client CA (--client-ca) needs TLS on the ext_proc port, which "
+                    "--secure-serving=false turns off"
+                )
             return None
         if cfg.cert_path:
             key, cert = tls.load(cfg.cert_path)
@@ -167,24 +178,39 @@ class ExtProcServer:
         key, cert = tls.self_signed()
         return key, cert, "self-signed"
 
+    def _client_ca(self) -> bytes | None:
+        """The client CA bundle as PEM, read now; raises :class:`tls.CertificateError`
+        naming the file when it is unusable."""
+        path = self.config.client_ca
+        if not path:
+            return None
+        try:
+            return tls.load_client_ca(path)
+        except tls.CertificateError as exc:
+            raise tls.CertificateError(f"--client-ca: {exc}") from None
+
     async def start(self) -> None:
-        """Bind both ports and start serving; raises OSError on bind failure."""
+        """Bind both ports and start serving; raises OSError on bind failure and
+        :class:`tls.CertificateError` (a ValueError) on an unusable certificate or client
+        CA."""
         cfg = self.config
         if cfg.transport not in TRANSPORTS:
             raise ValueError(
                 f"unknown ext_proc transport {cfg.transport!r}; use one of {TRANSPORTS}"
             )
         if cfg.cert_reload and cfg.cert_path and cfg.secure:
-            self._seen = cert_watch.fingerprint(cfg.cert_path)  # before the files are read
+            # Taken before the files are read.
+            self._seen = cert_watch.fingerprint(cfg.cert_path, self._also())
         creds = self._credentials()
+        client_ca = self._client_ca()
         if cfg.transport == "h2":
-            await self._start_h2(creds)
+            await self._start_h2(creds, client_ca)
         else:
-            await self._start_grpcio(creds)
+            await self._start_grpcio(creds, client_ca)
         if self._watcher is not None:
             self._watcher.start()
-            log.info("watching %s for new certificates every %gs", cfg.cert_path,
-                     self._watcher.interval)  # fmt: skip
+            watched = " and ".join((str(cfg.cert_path), *self._also()))
+            log.info("watching %s for new certificates every %gs", watched, self._watcher.interval)
         log.info(
             "ext_proc listening on %s:%d (%s, %s); health on :%d",
             cfg.host,
@@ -193,14 +219,27 @@ class ExtProcServer:
             cfg.transport,
             self.health_port,
         )
+        if client_ca is not None:
+            log.info(
+                "ext_proc clients must present a certificate signed by a CA in %s "
+                "(mutual TLS, %d CA certificate(s)); others are refused at the handshake",
+                cfg.client_ca,
+                client_ca.count(b"-----BEGIN CERTIFICATE-----"),
+            )
 
-    async def _start_h2(self, creds: tuple[bytes, bytes, str] | None) -> None:
+    async def _start_h2(
+        self, creds: tuple[bytes, bytes, str] | None, client_ca: bytes | None
+    ) -> None:
         cfg = self.config
         context = None
         if creds is not None:
-            reloadable = tls.ReloadableContext(creds[0], creds[1])
+            reloadable = tls.ReloadableContext(creds[0], creds[1], client_ca)
             context = reloadable.listening
-            self._watch(reloadable.replace)
+
+            def swap(key: bytes, cert: bytes) -> None:
+                reloadable.replace(key, cert, self._client_ca())
+
+            self._watch(swap)
         router = self._router
         after_large = self._after_large
         handlers: dict[str, h2server.HandlerFactory] = {
@@ -230,7 +269,9 @@ class ExtProcServer:
             raise
         self._grpc, self._health = server, hserver
 
-    async def _start_grpcio(self, creds: tuple[bytes, bytes, str] | None) -> None:
+    async def _start_grpcio(
+        self, creds: tuple[bytes, bytes, str] | None, client_ca: bytes | None
+    ) -> None:
         cfg = self.config
         options = [
             ("grpc.max_receive_message_length", cfg.max_recv),
@@ -249,15 +290,21 @@ class ExtProcServer:
             pending: list[Any] = []
 
             def swap(key: bytes, cert: bytes) -> None:
-                tls.server_context(key, cert)  # raises unless the pair is usable
-                pending[:] = [grpc.ssl_server_certificate_configuration([(key, cert)])]
+                ca = self._client_ca() if client_ca is not None else None
+                tls.server_context(key, cert, ca)  # raises unless the pair and CA are usable
+                pending[:] = [grpc.ssl_server_certificate_configuration([(key, cert)], ca)]
 
             def fetch() -> Any:
                 return pending.pop() if pending else None
 
             self._watch(swap)
+            # With a client CA, grpc requires and verifies a client certificate at every
+            # handshake; each configuration fetch() hands over carries the CA it verifies
+            # against.
             credentials = grpc.dynamic_ssl_server_credentials(
-                grpc.ssl_server_certificate_configuration([(creds[0], creds[1])]), fetch
+                grpc.ssl_server_certificate_configuration([(creds[0], creds[1])], client_ca),
+                fetch,
+                require_client_authentication=client_ca is not None,
             )
             port = server.add_secure_port(address, credentials)
         else:
@@ -275,11 +322,15 @@ class ExtProcServer:
         await hserver.start()
         self._grpc, self._health = server, hserver
 
+    def _also(self) -> tuple[str, ...]:
+        """Files watched with the certificate pair: the client CA bundle, if any."""
+        return (self.config.client_ca,) if self.config.client_ca else ()
+
     def _watch(self, apply: cert_watch.Apply) -> None:
         cfg = self.config
         if cfg.cert_reload and cfg.cert_path:
             self._watcher = cert_watch.CertWatcher(
-                cfg.cert_path, apply, cfg.cert_reload_interval, seen=self._seen
+                cfg.cert_path, apply, cfg.cert_reload_interval, seen=self._seen, also=self._also()
             )
 
     async def stop(self, grace: float | None = 5.0) -> None:

@@ -247,3 +247,38 @@ def test_the_kvpick_console_script_runs_the_same_command() -> None:
     )
     assert bad.returncode == 2
     assert "unknown flag --bogus-flag" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read {path}: No such file or directory"),
+        (b"-----BEGIN PRIVATE KEY-----\nMIGH\n-----END PRIVATE KEY-----\n", "holds no certificate"),
+        (
+            b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n",
+            "holds a certificate that cannot be read",
+        ),
+    ],
+)
+def test_an_unusable_client_ca_is_a_startup_error_naming_the_file(
+    tmp_path: pathlib.Path, content: bytes | None, message: str
+) -> None:
+    ca = tmp_path / "ca.crt"
+    if content is not None:
+        ca.write_bytes(content)
+    args = ["--endpoints-file", str(endpoints_file(tmp_path)), "--client-ca", str(ca), *ports()]
+    result = run_epp(args)
+    assert result.returncode == 1
+    (line,) = [x for x in result.stderr.splitlines() if "cannot start" in x]
+    assert "--client-ca: " in line
+    assert str(ca) in line
+    assert message.format(path=ca) in line
+    assert "Traceback" not in result.stderr
+
+
+def test_client_ca_without_tls_exits_2(tmp_path: pathlib.Path) -> None:
+    ca = tmp_path / "ca.crt"
+    result = run_epp(["--secure-serving=false", "--client-ca", str(ca)])
+    assert result.returncode == 2
+    assert "--client-ca" in result.stderr
+    assert "cannot be used with --secure-serving=false" in result.stderr

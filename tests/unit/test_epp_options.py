@@ -671,6 +671,17 @@ def test_cert_path_is_not_checked_without_tls(tmp_path: Path) -> None:
     assert opts.secure_serving is False
 
 
+def test_client_ca_needs_tls(tmp_path: Path) -> None:
+    ca = str(tmp_path / "ca.crt")
+    assert parse("--client-ca", ca).client_ca == ca  # the file is read when the port opens
+    message = error_of("--secure-serving=false", "--client-ca", ca)
+    assert message.startswith("--client-ca asks for client certificates")
+    assert "cannot be used with --secure-serving=false" in message
+    env = {"KVPICK_CLIENT_CA": ca}
+    assert "(from KVPICK_CLIENT_CA)" in error_of("--secure-serving=false", env=env)
+    assert parse("--secure-serving=false", "--client-ca=").client_ca is None
+
+
 def test_served_model_names_repeat_and_split() -> None:
     opts = parse("--served-model-name", "llama,llama-8b", "--served-model-name=mistral")
     assert opts.served_model_names == ("llama", "llama-8b", "mistral")
