@@ -26,10 +26,14 @@ What it implements (RFC 9113 and the gRPC-over-HTTP/2 wire format), and what it 
   the last stream processed, stops reading frames, closes every handler, and closes the
   socket once the GOAWAY can have reached the peer (:meth:`H2Connection._linger`); a
   stream error sends RST_STREAM with the code and ends that stream only;
-* every connection closed for an error is logged once (WARNING, with the peer and why)
-  and counted in ``kvpick_extproc_connections_closed{reason}``, every stream reset with an
-  error in ``kvpick_extproc_streams_ended_by_epp{reason}`` (reason: the RFC code's
-  lowercase name);
+* per-connection abuse limits (:class:`H2Limits`): more streams reset by the client than
+  ``max_resets_per_second`` (rapid reset, CVE-2023-44487), or more SETTINGS, PING,
+  PRIORITY and empty DATA or CONTINUATION frames than ``max_control_frames_per_second``,
+  within one second of the clock, get GOAWAY ENHANCE_YOUR_CALM. Every connection closed for
+  an error is logged once (WARNING, with the peer and why) and counted in
+  ``kvpick_extproc_connections_closed{reason}``, every stream reset with an error in
+  ``kvpick_extproc_streams_ended_by_epp{reason}`` (reasons: the RFC code's lowercase name,
+  ``rapid_reset``, ``control_flood``);
 * bounded work per turn of the event loop: a connection parses frames and delivers
   messages for at most :data:`TURN_SECONDS` (and :data:`TURN_BYTES` of frames) before the
   loop serves others, and writes at most :data:`TURN_BYTES`; messages left over inside a
@@ -160,9 +164,11 @@ class H2Limits:
     """Seconds a connection may have no open stream before GOAWAY and close; None: no
     limit."""
     max_resets_per_second: int = 1000
-    """Streams the client may reset per connection per second (rapid reset)."""
+    """Streams still open here that the client may reset, per connection per second (rapid
+    reset); beyond it GOAWAY ENHANCE_YOUR_CALM."""
     max_control_frames_per_second: int = 200
-    """SETTINGS, PING, PRIORITY and empty DATA frames per connection per second."""
+    """SETTINGS, PING, PRIORITY and empty DATA or CONTINUATION frames (without END_STREAM or
+    END_HEADERS) per connection per second; beyond it GOAWAY ENHANCE_YOUR_CALM."""
 
 
 class StreamHandler(Protocol):
@@ -313,6 +319,10 @@ class H2Connection(asyncio.Protocol):
         self._header_error = 0  # a stream error found in the HEADERS of the block in progress
         self._peer_closed: dict[int, bool] = {}  # stream -> the client reset it (not ended)
         self._skipped: list[tuple[int, int]] = []  # stream id ranges the client jumped over
+        self._reset_second = 0  # the second of the clock the reset count is for
+        self._resets = 0  # streams the client reset in that second
+        self._control_second = 0
+        self._controls = 0  # control frames in _control_second
 
     # ------------------------------------------------------------- transport
 
@@ -545,14 +555,17 @@ class H2Connection(asyncio.Protocol):
         elif ftype == CONTINUATION:
             self._on_continuation(flags, sid, payload)
         elif ftype == SETTINGS:
+            self._count_control()
             self._on_settings(flags, sid, payload)
         elif ftype == WINDOW_UPDATE:
             self._on_window_update(sid, payload)
         elif ftype == PING:
+            self._count_control()
             self._on_ping(flags, sid, payload)
         elif ftype == RST_STREAM:
             self._on_rst_stream(sid, payload)
         elif ftype == PRIORITY:
+            self._count_control()
             self._on_priority(sid, payload)
         elif ftype == GOAWAY:
             self._on_goaway(sid, payload)
@@ -564,6 +577,38 @@ class H2Connection(asyncio.Protocol):
         """Whether stream ``sid`` is still idle: a client stream not yet opened, or any
         even (server-initiated) one, since this server opens none."""
         return sid > self._last_stream or sid % 2 == 0
+
+    def _count_control(self) -> None:
+        """Counts a control frame; past the limit in one second, ENHANCE_YOUR_CALM. A count
+        per second of the clock (no timestamps kept), so a burst split across two seconds
+        can reach twice the limit before it is stopped."""
+        now = int(time.monotonic())
+        if now != self._control_second:
+            self._control_second = now
+            self._controls = 0
+        self._controls += 1
+        limit = self._server.limits.max_control_frames_per_second
+        if self._controls > limit:
+            raise ConnectionError_(
+                ENHANCE_YOUR_CALM,
+                f"more than {limit} SETTINGS, PING, PRIORITY or empty frames in a second",
+                "control_flood",
+            )
+
+    def _count_reset(self) -> None:
+        """Counts a stream the client reset while it was open here; past the limit in one
+        second, ENHANCE_YOUR_CALM (the rapid-reset defence). Counted as in
+        :meth:`_count_control`."""
+        now = int(time.monotonic())
+        if now != self._reset_second:
+            self._reset_second = now
+            self._resets = 0
+        self._resets += 1
+        limit = self._server.limits.max_resets_per_second
+        if self._resets > limit:
+            raise ConnectionError_(
+                ENHANCE_YOUR_CALM, f"more than {limit} streams reset in a second", "rapid_reset"
+            )
 
     def _note_peer_closed(self, sid: int, reset: bool) -> None:
         """Remembers that the client ended (or reset) stream ``sid`` itself, so that a later
@@ -621,9 +666,10 @@ class H2Connection(asyncio.Protocol):
         self._note_peer_closed(sid, True)
         st = self._streams.pop(sid, None)
         if st is None:
-            return  # closed here already
+            return  # closed here already: nothing was spared, nothing to count
         self._forget(st)
         self._close_handler(st)
+        self._count_reset()
 
     def _on_priority(self, sid: int, payload: bytes) -> None:
         if sid == 0:
@@ -678,6 +724,8 @@ class H2Connection(asyncio.Protocol):
     def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
         if self._header_block is None or sid != self._header_stream:
             raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+        if not payload and not flags & END_HEADERS:
+            self._count_control()  # empty ones would otherwise never fill the block
         self._header_block += payload
         if len(self._header_block) > MAX_HEADER_BLOCK:
             raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
@@ -770,6 +818,8 @@ class H2Connection(asyncio.Protocol):
                 _frame(WINDOW_UPDATE, 0, 0, self._conn_recv_unacked.to_bytes(4, "big"))
             )
             self._conn_recv_unacked = 0
+        if not data and not flags & END_STREAM:
+            self._count_control()
         if st is None:
             return  # a stream this server reset
         if st.remote_ended or st.end_after_backlog:

@@ -11,6 +11,10 @@ Valid frames are built by the ``h2`` library (its HPACK encoder included, so the
 decoder state stays in step); the ones ``h2`` refuses to build are written by hand. The
 server's answers are split into frames here rather than fed to ``h2``, which would itself
 object to some of the frames a broken client provokes.
+
+Then the abuse limits: rapid reset and control-frame floods over the limit get GOAWAY
+ENHANCE_YOUR_CALM (logged with the peer, counted by reason), a client under the limits
+keeps its connection, and a normal client on another connection is not disturbed.
 """
 
 from __future__ import annotations
@@ -790,4 +794,116 @@ async def test_a_large_body_within_the_windows_goes_through() -> None:
         await c.send(frame(DATA, END_STREAM, sid, b""))
         await c.stream_done(sid)
         assert not c.of(RST_STREAM) and not c.of(GOAWAY)
+        c.close()
+
+
+# ------------------------------------------------------------------------ abuse limits
+
+
+async def test_rapid_reset_over_the_limit_is_enhance_your_calm(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """More than ``max_resets_per_second`` streams opened and reset at once: GOAWAY
+    ENHANCE_YOUR_CALM, counted as rapid_reset. Three times the limit in one burst, so the
+    limit is passed even if the burst straddles two seconds of the clock."""
+    limits = h2server.H2Limits(max_resets_per_second=50)
+    before = _closed_count("rapid_reset")
+    async with serving(limits) as server:
+        bystander = await Client.open(server.port)
+        await bystander.echo()
+        c = await Client.open(server.port)
+        for _ in range(150):
+            sid = c.start()
+            c.h2.reset_stream(sid)
+        with caplog.at_level(logging.WARNING, logger="epp.extproc.h2server"):
+            await c.send()
+            await c.connection_error(ENHANCE_YOUR_CALM)
+        await bystander.echo()
+        await bystander.alive()
+        c.close()
+        bystander.close()
+    assert _closed_count("rapid_reset") == before + 1
+    assert any("reset" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+async def test_resets_under_the_limit_keep_the_connection() -> None:
+    limits = h2server.H2Limits(max_resets_per_second=50)
+    async with serving(limits) as server:
+        c = await Client.open(server.port)
+        for _ in range(40):
+            sid = c.start()
+            c.h2.reset_stream(sid)
+        await c.send()
+        await c.alive()
+        await c.echo()
+        c.close()
+
+
+def _ping(c: Client, i: int) -> bytes:
+    return frame(PING, 0, 0, i.to_bytes(8))
+
+
+def _settings(c: Client, i: int) -> bytes:
+    return frame(SETTINGS, 0, 0, setting(h2server.S_MAX_FRAME_SIZE, 16_384 + i))
+
+
+def _priority(c: Client, i: int) -> bytes:
+    return frame(PRIORITY, 0, 1001 + 2 * i, struct.pack(">IB", 0, 16))
+
+
+def _empty_data(c: Client, i: int) -> bytes:
+    return frame(DATA, 0, 1, b"")
+
+
+FLOODS: list[Callable[[Client, int], bytes]] = [_ping, _settings, _priority, _empty_data]
+
+
+@pytest.mark.parametrize("flood", FLOODS, ids=[f.__name__[1:] for f in FLOODS])
+async def test_a_control_frame_flood_is_enhance_your_calm(
+    flood: Callable[[Client, int], bytes],
+) -> None:
+    limits = h2server.H2Limits(max_control_frames_per_second=20)
+    before = _closed_count("control_flood")
+    async with serving(limits) as server:
+        bystander = await Client.open(server.port)
+        await bystander.echo()
+        c = await Client.open(server.port)
+        if flood is _empty_data:
+            await _open_stream(c)
+        await c.send(*(flood(c, i) for i in range(100)))
+        await c.connection_error(ENHANCE_YOUR_CALM)
+        await bystander.echo()
+        c.close()
+        bystander.close()
+    assert _closed_count("control_flood") == before + 1
+
+
+@pytest.mark.parametrize("flood", FLOODS, ids=[f.__name__[1:] for f in FLOODS])
+async def test_control_frames_under_the_limit_keep_the_connection(
+    flood: Callable[[Client, int], bytes],
+) -> None:
+    """Ten of them, with the preface's SETTINGS and the final PING: under 20."""
+    limits = h2server.H2Limits(max_control_frames_per_second=20)
+    async with serving(limits) as server:
+        c = await Client.open(server.port)
+        if flood is _empty_data:
+            await _open_stream(c)
+        await c.send(*(flood(c, i) for i in range(10)))
+        await c.alive()
+        if flood is _ping:
+            assert len([f for f in c.of(PING) if f.flags & ACK]) == 11
+        if flood is _settings:
+            await c.read(lambda: len([f for f in c.of(SETTINGS) if f.flags & ACK]) == 11)
+        c.close()
+
+
+async def test_empty_continuation_frames_count_as_control_frames() -> None:
+    """A header block that never grows (empty CONTINUATION frames without END_HEADERS)
+    would never reach the size limit; they are counted like empty DATA frames."""
+    limits = h2server.H2Limits(max_control_frames_per_second=20)
+    async with serving(limits) as server:
+        c = await Client.open(server.port)
+        block = c.block()
+        await c.send(frame(HEADERS, 0, 1, block), *[frame(CONTINUATION, 0, 1, b"")] * 100)
+        await c.connection_error(ENHANCE_YOUR_CALM)
         c.close()
