@@ -160,7 +160,7 @@ EXTPROC_CONNECTIONS_CLOSED = Counter(
 EXTPROC_STREAMS_ENDED = Counter(
     "kvpick_extproc_streams_ended_by_epp",
     "ext_proc streams the EPP ended with an error of its own, by reason "
-    "(resource_exhausted, invalid_argument, flow_control_error, refused, ...).",
+    "(resource_exhausted, invalid_argument, flow_control_error, refused_stream, ...).",
     ["reason"],
 )
 LOOP_LAG = Histogram(

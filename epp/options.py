@@ -383,9 +383,9 @@ FLAGS: tuple[FlagSpec, ...] = (
          "streams a client may reset per connection per second; beyond it the connection "
          "gets GOAWAY ENHANCE_YOUR_CALM (the rapid-reset defence)", metavar="N", lo=1),
     _own("max-control-frames", "int", "max_control_frames", 200, G_LISTENER,
-         "SETTINGS, PING, PRIORITY and empty DATA frames a client may send per connection "
-         "per second; beyond it the connection gets GOAWAY ENHANCE_YOUR_CALM", metavar="N",
-         lo=1),
+         "SETTINGS, PING, PRIORITY and empty DATA or CONTINUATION frames a client may send "
+         "per connection per second; beyond it the connection gets GOAWAY ENHANCE_YOUR_CALM",
+         metavar="N", lo=1),
     # --- kvpick: diagnostics -----------------------------------------------------------------
     _own("decision-log-size", "int", "decision_log_size", 256, G_DIAG,
          "recent routing decisions kept for the debug endpoint (0: none)", metavar="N", lo=0),

@@ -9,8 +9,11 @@ own ``data_received`` callback and answers in the same callback, one write per b
 What it implements (RFC 9113 and the gRPC-over-HTTP/2 wire format), and what it guarantees:
 
 * the connection preface, SETTINGS (ours sent first, the peer's acknowledged), PING,
-  WINDOW_UPDATE, RST_STREAM, GOAWAY, HEADERS with CONTINUATION, padding, PRIORITY ignored;
-* flow control both ways: received bytes are credited back as they are consumed, and
+  WINDOW_UPDATE, RST_STREAM, GOAWAY, HEADERS with CONTINUATION, padding, PRIORITY
+  checked and otherwise ignored;
+* flow control both ways: received bytes are credited back as they are consumed, the
+  peer is held to the windows it was given (DATA beyond the connection window is a
+  connection error FLOW_CONTROL_ERROR, beyond a stream's window a stream error), and
   nothing is sent beyond the peer's connection and stream windows (what does not fit
   waits for the peer's WINDOW_UPDATE, in order);
 * length-prefixed gRPC messages reassembled across DATA frames; a message over the size
@@ -18,7 +21,19 @@ What it implements (RFC 9113 and the gRPC-over-HTTP/2 wire format), and what it 
   unknown method gets UNIMPLEMENTED, a handler that raises gets INTERNAL;
 * every stream's handler is closed exactly once: on the client's end of stream, on
   RST_STREAM, or when the connection is lost;
-* protocol violations close the connection with GOAWAY and the right error code;
+* RFC 9113's errors where it names them, frame by frame (tests/integration/
+  test_h2_conformance.py checks each): a connection error sends GOAWAY with the code and
+  the last stream processed, stops reading frames, closes every handler, and closes the
+  socket once the GOAWAY can have reached the peer (:meth:`H2Connection._linger`); a
+  stream error sends RST_STREAM with the code and ends that stream only;
+* per-connection abuse limits (:class:`H2Limits`): more streams reset by the client than
+  ``max_resets_per_second`` (rapid reset, CVE-2023-44487), or more SETTINGS, PING,
+  PRIORITY and empty DATA or CONTINUATION frames than ``max_control_frames_per_second``,
+  within one second of the clock, get GOAWAY ENHANCE_YOUR_CALM. Every connection closed for
+  an error is logged once (WARNING, with the peer and why) and counted in
+  ``kvpick_extproc_connections_closed{reason}``, every stream reset with an error in
+  ``kvpick_extproc_streams_ended_by_epp{reason}`` (reasons: the RFC code's lowercase name,
+  ``rapid_reset``, ``control_flood``);
 * bounded work per turn of the event loop: a connection parses frames and delivers
   messages for at most :data:`TURN_SECONDS` (and :data:`TURN_BYTES` of frames) before the
   loop serves others, and writes at most :data:`TURN_BYTES`; messages left over inside a
@@ -81,6 +96,22 @@ S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 5, 6, 7, 8
 COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 9, 11
+_ERROR_NAMES = {
+    code: name.lower()
+    for name, code in (
+        ("NO_ERROR", NO_ERROR),
+        ("PROTOCOL_ERROR", PROTOCOL_ERROR),
+        ("INTERNAL_ERROR", INTERNAL_ERROR),
+        ("FLOW_CONTROL_ERROR", FLOW_CONTROL_ERROR),
+        ("STREAM_CLOSED", STREAM_CLOSED),
+        ("FRAME_SIZE_ERROR", FRAME_SIZE_ERROR),
+        ("REFUSED_STREAM", REFUSED_STREAM),
+        ("CANCEL", CANCEL),
+        ("COMPRESSION_ERROR", COMPRESSION_ERROR),
+        ("ENHANCE_YOUR_CALM", ENHANCE_YOUR_CALM),
+    )
+}
+"""The metric reason (and log wording) for each error code this server sends."""
 
 # gRPC status codes.
 GRPC_OK, GRPC_INTERNAL, GRPC_UNIMPLEMENTED, GRPC_RESOURCE_EXHAUSTED = 0, 13, 12, 8
@@ -92,7 +123,10 @@ RECV_WINDOW = 16 * 1024 * 1024
 OUR_MAX_FRAME = 1 << 20
 """Larger DATA frames from the peer mean fewer frames to parse for a big body."""
 MAX_HEADER_BLOCK = 256 * 1024
+"""Both the header block we buffer (compressed) and the header list we decode, in bytes;
+announced as SETTINGS_MAX_HEADER_LIST_SIZE."""
 MAX_STREAMS = 10_000
+"""Announced as SETTINGS_MAX_CONCURRENT_STREAMS; a stream beyond it gets REFUSED_STREAM."""
 TURN_BYTES = 256 * 1024
 """Bytes of frames one connection reads, and separately writes, per turn of the event loop;
 the rest waits for the next turn, so that one connection's large body costs other
@@ -107,6 +141,15 @@ IDLE_SWEEP_SECONDS = 1.0
 FINAL_GOAWAY_SECONDS = 1.0
 """After the first GOAWAY of an idle close, how long a stream the peer sent meanwhile can
 still begin before the connection closes."""
+LINGER_SECONDS = 1.0
+"""After a connection error, how long the socket stays open (reading and discarding) so
+that the GOAWAY reaches a peer that is still sending; the peer closing ends it sooner."""
+CLOSED_STREAMS_KEPT = 32
+"""Streams the client closed itself that a connection remembers, newest first, to tell a
+frame on one of them (STREAM_CLOSED) from a late frame on one it reset (ignored)."""
+SKIPPED_RANGES_KEPT = 8
+"""Ranges of stream ids the client skipped that a connection remembers, to refuse a HEADERS
+that reopens one (stream ids must increase)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +164,11 @@ class H2Limits:
     """Seconds a connection may have no open stream before GOAWAY and close; None: no
     limit."""
     max_resets_per_second: int = 1000
-    """Streams the client may reset per connection per second (rapid reset)."""
+    """Streams still open here that the client may reset, per connection per second (rapid
+    reset); beyond it GOAWAY ENHANCE_YOUR_CALM."""
     max_control_frames_per_second: int = 200
-    """SETTINGS, PING, PRIORITY and empty DATA frames per connection per second."""
+    """SETTINGS, PING, PRIORITY and empty DATA or CONTINUATION frames (without END_STREAM or
+    END_HEADERS) per connection per second; beyond it GOAWAY ENHANCE_YOUR_CALM."""
 
 
 class StreamHandler(Protocol):
@@ -138,11 +183,13 @@ HandlerFactory = Callable[[Emit], StreamHandler]
 
 
 class ConnectionError_(Exception):
-    """A connection-level protocol error: GOAWAY with ``code``, then close."""
+    """A connection-level protocol error: GOAWAY with ``code``, then close; ``reason`` is
+    the metric label when it is not the code's own name (``rapid_reset``, ...)."""
 
-    def __init__(self, code: int, why: str) -> None:
+    def __init__(self, code: int, why: str, reason: str | None = None) -> None:
         super().__init__(why)
         self.code = code
+        self.reason = reason
 
 
 def _frame(ftype: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> bytes:
@@ -266,6 +313,16 @@ class H2Connection(asyncio.Protocol):
         self._idle_since: float | None = None  # set by the listener's sweep
         self._close_at: float | None = None  # an idle close's final GOAWAY is due then
         self.peer = "?"
+        # The frame layer's state (RFC 9113 checks and abuse limits).
+        self._settings_seen = False  # the client's preface SETTINGS
+        self._last_processed = 0  # the largest stream handed to a handler: GOAWAY's last id
+        self._header_error = 0  # a stream error found in the HEADERS of the block in progress
+        self._peer_closed: dict[int, bool] = {}  # stream -> the client reset it (not ended)
+        self._skipped: list[tuple[int, int]] = []  # stream id ranges the client jumped over
+        self._reset_second = 0  # the second of the clock the reset count is for
+        self._resets = 0  # streams the client reset in that second
+        self._control_second = 0
+        self._controls = 0  # control frames in _control_second
 
     # ------------------------------------------------------------- transport
 
@@ -306,14 +363,11 @@ class H2Connection(asyncio.Protocol):
             M.EXTPROC_CONNECTIONS.set(len(server._connections))
             if server.after_close is not None:
                 server.after_close()
-        streams, self._streams = self._streams, {}
-        self._blocked.clear()
-        self._stalled.clear()
-        for st in streams.values():
-            st.backlog = None
-            self._close_handler(st)
+        self._drop_streams()
 
     def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return  # lingering after a connection error: what the peer still sends is dropped
         if self._input_backlog:
             self._inbuf += data  # parsed in turn, after what came first
             return
@@ -403,7 +457,7 @@ class H2Connection(asyncio.Protocol):
             elif pos < len(buf):
                 leftover += buf[pos:]
         except ConnectionError_ as exc:
-            self._fail(exc.code, str(exc))
+            self._fail(exc.code, str(exc), exc.reason)
         self._flush()
 
     def _defer_input(self) -> None:
@@ -424,16 +478,53 @@ class H2Connection(asyncio.Protocol):
                 self._transport.close()
 
     def _goaway(self, code: int) -> bytes:
-        return _frame(GOAWAY, 0, 0, self._last_stream.to_bytes(4, "big") + code.to_bytes(4, "big"))
+        # The last stream id is the largest one processed, not the largest seen: streams
+        # refused meanwhile must not raise it (a later GOAWAY may never name a higher id
+        # than an earlier one).
+        last = self._last_processed.to_bytes(4, "big")
+        return _frame(GOAWAY, 0, 0, last + code.to_bytes(4, "big"))
 
-    def _fail(self, code: int, why: str) -> None:
-        log.warning("closing HTTP/2 connection from the gateway: %s", why)
+    def _fail(self, code: int, why: str, reason: str | None = None) -> None:
+        """A connection error: GOAWAY with ``code`` after what is queued, every handler
+        closed now, no frame read after this one, the socket closed by :meth:`_linger`;
+        logged and counted under ``reason`` (default: the code's name)."""
+        if self._closed:
+            return
+        self._closed = True
+        name = _ERROR_NAMES.get(code, "internal_error")
+        M.EXTPROC_CONNECTIONS_CLOSED.labels(reason or name).inc()
+        log.warning("closing HTTP/2 connection from %s with %s: %s", self.peer, name.upper(), why)
         self._out.append(self._goaway(code))
         out, self._out = self._out, []
-        if self._transport is not None and not self._closed:
-            self._transport.write(b"".join(out))
-            self._transport.close()
-        self._closed = True
+        self._drop_streams()
+        transport = self._transport
+        if transport is not None:
+            transport.write(b"".join(out))
+            self._linger(transport)
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Closes ``transport`` after a GOAWAY without losing the GOAWAY.
+
+        Closing a socket with the peer's bytes unread (or still arriving) makes the kernel
+        answer with a TCP reset, and a client that had not yet read the GOAWAY then gets
+        the reset instead: a client that went on sending after its undecodable header
+        block saw no GOAWAY at all. So the write side is shut where the transport can
+        (plaintext: the peer reads the GOAWAY, then the end of the stream), reading goes
+        on with everything dropped, and the socket closes when the peer closes or after
+        :data:`LINGER_SECONDS`, whichever comes first."""
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()  # reading may have been paused for a backlog
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+
+    def _drop_streams(self) -> None:
+        """Closes the handler of every stream still open, once, and forgets the streams."""
+        streams, self._streams = self._streams, {}
+        self._blocked.clear()
+        self._stalled.clear()
+        for st in streams.values():
+            st.backlog = None
+            self._close_handler(st)
 
     def go_away(self) -> None:
         """Tell the peer no new streams will be taken; close once the open ones end."""
@@ -444,67 +535,200 @@ class H2Connection(asyncio.Protocol):
         self._flush()
 
     def abort(self) -> None:
-        if self._transport is not None and not self._closed:
-            self._transport.close()
+        if self._transport is not None:
+            self._transport.close()  # also one lingering after a connection error
 
     # ---------------------------------------------------------------- frames
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if self._header_block is not None and ftype != CONTINUATION:
             raise ConnectionError_(PROTOCOL_ERROR, "header block interrupted")
+        if not self._settings_seen:
+            # The client's preface is the magic string and then a SETTINGS frame.
+            if ftype != SETTINGS or flags & ACK:
+                raise ConnectionError_(PROTOCOL_ERROR, "the preface is not followed by SETTINGS")
+            self._settings_seen = True
         if ftype == DATA:
             self._on_data(flags, sid, payload)
         elif ftype == HEADERS:
             self._on_headers(flags, sid, payload)
         elif ftype == CONTINUATION:
-            if self._header_block is None or sid != self._header_stream:
-                raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
-            self._header_block += payload
-            if len(self._header_block) > MAX_HEADER_BLOCK:
-                raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
-            if flags & END_HEADERS:
-                self._end_headers()
+            self._on_continuation(flags, sid, payload)
         elif ftype == SETTINGS:
+            self._count_control()
             self._on_settings(flags, sid, payload)
         elif ftype == WINDOW_UPDATE:
             self._on_window_update(sid, payload)
         elif ftype == PING:
-            if sid != 0 or len(payload) != 8:
-                raise ConnectionError_(PROTOCOL_ERROR, "malformed PING")
-            if not flags & ACK:
-                self._out.append(_frame(PING, ACK, 0, payload))
+            self._count_control()
+            self._on_ping(flags, sid, payload)
         elif ftype == RST_STREAM:
-            if sid == 0 or len(payload) != 4:
-                raise ConnectionError_(PROTOCOL_ERROR, "malformed RST_STREAM")
-            st = self._streams.pop(sid, None)
-            if st is not None:
-                self._blocked.pop(sid, None)
-                self._close_handler(st)
+            self._on_rst_stream(sid, payload)
+        elif ftype == PRIORITY:
+            self._count_control()
+            self._on_priority(sid, payload)
         elif ftype == GOAWAY:
-            self._going_away = True
+            self._on_goaway(sid, payload)
         elif ftype == PUSH_PROMISE:
             raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-        # PRIORITY and unknown frame types are ignored, as the RFC requires.
+        # Unknown frame types are ignored, as the RFC requires.
 
-    def _strip_padding(self, flags: int, payload: bytes) -> bytes:
+    def _idle(self, sid: int) -> bool:
+        """Whether stream ``sid`` is still idle: a client stream not yet opened, or any
+        even (server-initiated) one, since this server opens none."""
+        return sid > self._last_stream or sid % 2 == 0
+
+    def _count_control(self) -> None:
+        """Counts a control frame; past the limit in one second, ENHANCE_YOUR_CALM. A count
+        per second of the clock (no timestamps kept), so a burst split across two seconds
+        can reach twice the limit before it is stopped."""
+        now = int(time.monotonic())
+        if now != self._control_second:
+            self._control_second = now
+            self._controls = 0
+        self._controls += 1
+        limit = self._server.limits.max_control_frames_per_second
+        if self._controls > limit:
+            raise ConnectionError_(
+                ENHANCE_YOUR_CALM,
+                f"more than {limit} SETTINGS, PING, PRIORITY or empty frames in a second",
+                "control_flood",
+            )
+
+    def _count_reset(self) -> None:
+        """Counts a stream the client reset while it was open here; past the limit in one
+        second, ENHANCE_YOUR_CALM (the rapid-reset defence). Counted as in
+        :meth:`_count_control`."""
+        now = int(time.monotonic())
+        if now != self._reset_second:
+            self._reset_second = now
+            self._resets = 0
+        self._resets += 1
+        limit = self._server.limits.max_resets_per_second
+        if self._resets > limit:
+            raise ConnectionError_(
+                ENHANCE_YOUR_CALM, f"more than {limit} streams reset in a second", "rapid_reset"
+            )
+
+    def _note_peer_closed(self, sid: int, reset: bool) -> None:
+        """Remembers that the client ended (or reset) stream ``sid`` itself, so that a later
+        DATA or HEADERS on it is its error, not a frame crossing our own RST_STREAM."""
+        closed = self._peer_closed
+        closed[sid] = reset
+        if len(closed) > CLOSED_STREAMS_KEPT:
+            del closed[next(iter(closed))]
+
+    def _note_opened(self, sid: int) -> None:
+        """Stream ``sid`` opens: the ids the client skipped on the way are closed for good."""
+        expected = self._last_stream + 2 if self._last_stream else 1
+        if sid > expected:
+            self._skipped.append((expected, sid - 2))
+            if len(self._skipped) > SKIPPED_RANGES_KEPT:
+                del self._skipped[0]
+        self._last_stream = sid
+
+    def _closed_by_peer(self, sid: int, what: str) -> None:
+        """Raises STREAM_CLOSED when the client itself closed ``sid`` (ended, reset, or
+        skipped it) and then sent ``what`` on it. A stream this server reset gets nothing:
+        the client may have sent frames before it saw the RST_STREAM."""
+        reset = self._peer_closed.get(sid)
+        if reset is None and not any(lo <= sid <= hi for lo, hi in self._skipped):
+            return
+        how = "skipped" if reset is None else "reset" if reset else "ended"
+        raise ConnectionError_(STREAM_CLOSED, f"{what} on stream {sid}, which the client {how}")
+
+    def _stream_error(self, sid: int, code: int, why: str) -> None:
+        """A stream error on ``sid``. RST_STREAM must not name an idle stream, so there the
+        error is the connection's (RFC 9113 §5.4.1 allows that for any stream error)."""
+        st = self._streams.get(sid)
+        if st is not None:
+            self._reset(st, code)
+        elif self._idle(sid):
+            raise ConnectionError_(code, f"{why} (idle stream {sid})")
+        else:
+            self._reset_id(sid, code)
+
+    def _on_ping(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ConnectionError_(PROTOCOL_ERROR, f"PING on stream {sid}")
+        if len(payload) != 8:
+            raise ConnectionError_(FRAME_SIZE_ERROR, f"PING of {len(payload)} bytes")
+        if not flags & ACK:
+            self._out.append(_frame(PING, ACK, 0, payload))
+
+    def _on_rst_stream(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ConnectionError_(FRAME_SIZE_ERROR, f"RST_STREAM of {len(payload)} bytes")
+        if sid == 0:
+            raise ConnectionError_(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if self._idle(sid):
+            raise ConnectionError_(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+        self._note_peer_closed(sid, True)
+        st = self._streams.pop(sid, None)
+        if st is None:
+            return  # closed here already: nothing was spared, nothing to count
+        self._forget(st)
+        self._close_handler(st)
+        self._count_reset()
+
+    def _on_priority(self, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:
+            self._stream_error(sid, FRAME_SIZE_ERROR, f"PRIORITY of {len(payload)} bytes")
+        elif int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:
+            # RFC 7540 §5.3.1 (RFC 9113 keeps the frame, not this text; h2spec checks it).
+            self._stream_error(sid, PROTOCOL_ERROR, f"stream {sid} depends on itself")
+        # Otherwise ignored: priorities are advice, and this server has none to apply.
+
+    def _on_goaway(self, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ConnectionError_(PROTOCOL_ERROR, f"GOAWAY on stream {sid}")
+        if len(payload) < 8:
+            raise ConnectionError_(FRAME_SIZE_ERROR, f"GOAWAY of {len(payload)} bytes")
+        self._going_away = True
+
+    def _strip_padding(self, flags: int, payload: bytes, fixed: int = 0) -> bytes:
+        """``payload`` without its Pad Length field and padding; ``fixed`` bytes of fields
+        the frame must carry come first and stay (HEADERS' priority fields)."""
         if flags & PADDED:
-            if not payload:
-                raise ConnectionError_(PROTOCOL_ERROR, "padded frame without pad length")
+            if len(payload) < 1 + fixed:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "padded frame too short")
             pad = payload[0]
-            if pad >= len(payload):
+            if pad > len(payload) - 1 - fixed:
                 raise ConnectionError_(PROTOCOL_ERROR, "padding longer than the frame")
             return payload[1 : len(payload) - pad]
+        if len(payload) < fixed:
+            raise ConnectionError_(FRAME_SIZE_ERROR, "frame too short for its fields")
         return payload
 
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0 or sid % 2 == 0:
             raise ConnectionError_(PROTOCOL_ERROR, f"HEADERS on stream {sid}")
-        block = self._strip_padding(flags, payload)
+        self._header_error = 0
         if flags & PRIORITY_FLAG:
+            block = self._strip_padding(flags, payload, 5)
+            if int.from_bytes(block[:4], "big") & 0x7FFFFFFF == sid:
+                self._header_error = PROTOCOL_ERROR  # a stream depending on itself
             block = block[5:]
+        else:
+            block = self._strip_padding(flags, payload)
+        if len(block) > MAX_HEADER_BLOCK:
+            raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
         self._header_block = bytearray(block)
         self._header_stream = sid
         self._header_end_stream = bool(flags & END_STREAM)
+        if flags & END_HEADERS:
+            self._end_headers()
+
+    def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
+        if self._header_block is None or sid != self._header_stream:
+            raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+        if not payload and not flags & END_HEADERS:
+            self._count_control()  # empty ones would otherwise never fill the block
+        self._header_block += payload
+        if len(self._header_block) > MAX_HEADER_BLOCK:
+            raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
         if flags & END_HEADERS:
             self._end_headers()
 
@@ -512,21 +736,44 @@ class H2Connection(asyncio.Protocol):
         assert self._header_block is not None
         block, self._header_block = bytes(self._header_block), None
         sid = self._header_stream
+        end_stream = self._header_end_stream
+        # Decoded whatever becomes of the stream: the decoder's table must follow the
+        # client's encoder (RFC 9113 §4.3).
         try:
             pairs = self._decoder.decode(block, raw=True)
+        except hpack.OversizedHeaderListError as exc:
+            # The decoder stopped part-way, so its table is lost with the connection.
+            raise ConnectionError_(ENHANCE_YOUR_CALM, f"header list: {exc}") from exc
         except Exception as exc:  # hpack raises several types; all mean the same here
             raise ConnectionError_(COMPRESSION_ERROR, f"bad header block: {exc}") from exc
         st = self._streams.get(sid)
         if st is not None:  # trailers from the client (gRPC clients rarely send any)
-            if self._header_end_stream:
-                self._remote_end(st)
+            if self._header_error:
+                self._reset(st, self._header_error)
+            elif st.remote_ended or st.end_after_backlog:
+                self._reset(st, STREAM_CLOSED)  # half-closed (remote): a stream error
+            elif not end_stream:
+                self._reset(st, PROTOCOL_ERROR)  # trailers must end the request (§8.1)
+            else:
+                self._note_peer_closed(sid, False)
+                if st.backlog is not None:
+                    st.end_after_backlog = True  # after the messages still waiting
+                else:
+                    self._remote_end(st)
             return
         if sid <= self._last_stream:
-            return  # a stream we already closed; its late headers mean nothing
-        self._last_stream = sid
-        if self._going_away:
-            self._out.append(_frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
+            if any(lo <= sid <= hi for lo, hi in self._skipped):
+                raise ConnectionError_(PROTOCOL_ERROR, f"stream {sid} opened after a higher one")
+            self._closed_by_peer(sid, "HEADERS")
+            return  # a stream this server reset: its late headers mean nothing
+        self._note_opened(sid)
+        if self._header_error:
+            self._reset_id(sid, self._header_error)
             return
+        if self._going_away or len(self._streams) >= MAX_STREAMS:
+            self._reset_id(sid, REFUSED_STREAM)
+            return
+        self._last_processed = sid
         path = b""
         content_type = b""
         for name, value in pairs:
@@ -546,25 +793,41 @@ class H2Connection(asyncio.Protocol):
             except Exception:
                 log.exception("stream handler could not be created")
                 self._finish(st, GRPC_INTERNAL, "internal error")
-        if self._header_end_stream:
+        if end_stream:
+            self._note_peer_closed(sid, False)
             self._remote_end(st)
 
     def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
             raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
         flow = len(payload)
+        # What the client may still send is the window minus what it sent and we have not
+        # credited back yet (every WINDOW_UPDATE sent subtracts its increment).
+        if self._conn_recv_unacked + flow > RECV_WINDOW:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        st = self._streams.get(sid)
+        if st is None:
+            if self._idle(sid):
+                raise ConnectionError_(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            self._closed_by_peer(sid, "DATA")
+        data = self._strip_padding(flags, payload)
+        # Counted toward the connection window even when the stream is gone or in error.
         self._conn_recv_unacked += flow
         if self._conn_recv_unacked >= RECV_WINDOW // 2:
             self._out.append(
                 _frame(WINDOW_UPDATE, 0, 0, self._conn_recv_unacked.to_bytes(4, "big"))
             )
             self._conn_recv_unacked = 0
-        st = self._streams.get(sid)
+        if not data and not flags & END_STREAM:
+            self._count_control()
         if st is None:
-            if sid > self._last_stream:
-                raise ConnectionError_(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
-            return  # a stream we already closed
-        data = self._strip_padding(flags, payload)
+            return  # a stream this server reset
+        if st.remote_ended or st.end_after_backlog:
+            self._reset(st, STREAM_CLOSED)  # half-closed (remote): a stream error
+            return
+        if st.recv_unacked + flow > RECV_WINDOW:
+            self._reset(st, FLOW_CONTROL_ERROR)
+            return
         st.recv_unacked += flow
         if st.recv_unacked >= RECV_WINDOW // 2 and not flags & END_STREAM:
             self._out.append(_frame(WINDOW_UPDATE, 0, sid, st.recv_unacked.to_bytes(4, "big")))
@@ -575,6 +838,7 @@ class H2Connection(asyncio.Protocol):
         elif not st.closed_local:
             self._messages(st, data)
         if flags & END_STREAM:
+            self._note_peer_closed(sid, False)
             if st.backlog is not None:
                 st.end_after_backlog = True
             else:
@@ -671,19 +935,28 @@ class H2Connection(asyncio.Protocol):
         if sid != 0:
             raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
+            if payload:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS acknowledgement with a payload")
             return
         if len(payload) % 6:
             raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
         for i in range(0, len(payload), 6):
             key = int.from_bytes(payload[i : i + 2], "big")
             value = int.from_bytes(payload[i + 2 : i + 6], "big")
-            if key == S_INITIAL_WINDOW_SIZE:
+            if key == S_ENABLE_PUSH:
+                if value > 1:
+                    raise ConnectionError_(PROTOCOL_ERROR, f"ENABLE_PUSH {value}")
+            elif key == S_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window too large")
                 delta = value - self._peer_initial_window
                 self._peer_initial_window = value
                 for st in self._streams.values():
                     st.send_window += delta
+                    if st.send_window > MAX_WINDOW:
+                        raise ConnectionError_(
+                            FLOW_CONTROL_ERROR, f"initial window overflows stream {st.id}"
+                        )
             elif key == S_MAX_FRAME_SIZE:
                 if not 16_384 <= value <= 16_777_215:
                     raise ConnectionError_(PROTOCOL_ERROR, f"max frame size {value}")
@@ -706,6 +979,11 @@ class H2Connection(asyncio.Protocol):
         else:
             st = self._streams.get(sid)
             if st is None:
+                if self._idle(sid):
+                    raise ConnectionError_(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
+                return  # closed: a late update for it is allowed and means nothing
+            if inc == 0:
+                self._reset(st, PROTOCOL_ERROR)
                 return
             st.send_window += inc
             if st.send_window > MAX_WINDOW:
@@ -816,11 +1094,29 @@ class H2Connection(asyncio.Protocol):
             self._streams.pop(st.id, None)
 
     def _reset(self, st: _Stream, code: int) -> None:
-        self._out.append(_frame(RST_STREAM, 0, st.id, code.to_bytes(4, "big")))
+        """A stream error: RST_STREAM with ``code``, the stream forgotten and its handler
+        closed; later frames on it are ignored."""
         self._streams.pop(st.id, None)
-        self._blocked.pop(st.id, None)
-        st.closed_local = True
+        self._forget(st)
         self._close_handler(st)
+        self._reset_id(st.id, code)
+
+    def _reset_id(self, sid: int, code: int) -> None:
+        """RST_STREAM with ``code`` for a stream that has no state here, counted."""
+        self._out.append(_frame(RST_STREAM, 0, sid, code.to_bytes(4, "big")))
+        name = _ERROR_NAMES.get(code, "internal_error")
+        M.EXTPROC_STREAMS_ENDED.labels(name).inc()
+        log.debug("reset stream %d from %s with %s", sid, self.peer, name.upper())
+
+    def _forget(self, st: _Stream) -> None:
+        """Nothing more is sent or delivered on ``st``: no pending output, no messages left
+        for a later turn, no end of stream to act on (the caller has removed it from
+        the open streams)."""
+        self._blocked.pop(st.id, None)
+        st.pending.clear()
+        st.backlog = None
+        st.end_after_backlog = False
+        st.closed_local = True
 
     def _close_handler(self, st: _Stream) -> None:
         handler, st.handler = st.handler, None
