@@ -1162,9 +1162,10 @@ class H2Connection(asyncio.Protocol):
         self._out.append(self._goaway(NO_ERROR))
         out, self._out = self._out, []
         self._closed = True
+        self._drop_streams()
         if self._transport is not None:
             self._transport.write(b"".join(out))
-            self._transport.close()
+            self._linger(self._transport)  # so that a peer still sending reads the GOAWAY
 
     @property
     def open_streams(self) -> int:
