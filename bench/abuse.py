@@ -425,7 +425,11 @@ class Peer:
             return False
         raw = data
         if self._tls is not None:
-            self._tls.write(data)
+            try:
+                self._tls.write(data)
+            except ssl.SSLError:  # the TLS session is shut down (the server closed it)
+                self.write_failed = True
+                return False
             raw = self._tls_out.read()
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(self.sock, raw), timeout)
@@ -1021,6 +1025,36 @@ ABUSES: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "bad-hpack": bad_hpack,
 }
 """Every abuse by name, in the order the issue lists them."""
+
+
+def answer(result: dict[str, Any]) -> str:
+    """The server's answer to an abuse in a few words (for a table): the GOAWAY or
+    RST_STREAM codes, grpc-status, and who closed what."""
+    parts: list[str] = []
+    if "cases" in result:  # one connection or more per case
+        codes: collections.Counter[str] = collections.Counter()
+        for case in result["cases"].values():
+            if isinstance(case.get("goaways"), dict):
+                codes.update(case["goaways"])
+            elif case.get("goaway"):
+                codes[case["goaway"]] += 1
+        parts.append(
+            "GOAWAY " + ", ".join(f"{k} ×{v}" for k, v in codes.items()) if codes else "no GOAWAY"
+        )
+    elif isinstance(result.get("goaways"), dict):
+        g = result["goaways"]
+        parts.append("GOAWAY " + ", ".join(f"{k} ×{v}" for k, v in g.items()) if g else "no GOAWAY")
+    else:
+        parts.append(f"GOAWAY {result['goaway']}" if result.get("goaway") else "no GOAWAY")
+    if result.get("rst_codes"):
+        parts.append("RST_STREAM " + ", ".join(f"{k} ×{v}" for k, v in result["rst_codes"].items()))
+    if result.get("grpc_status") is not None:
+        parts.append(f"grpc-status {result['grpc_status']}")
+    if "closed_by_server" in result and "connections" in result:
+        parts.append(f"{result['closed_by_server']}/{result['connections']} closed by the server")
+    elif "server_closed" in result:
+        parts.append("closed" if result["server_closed"] else "kept open")
+    return "; ".join(parts)
 
 
 async def run(
