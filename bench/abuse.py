@@ -573,22 +573,26 @@ async def past_window(
         await _open_stream(peer)
         total = advertised + extra
         zero = frame(DATA, 0, 1, bytes(FRAME))
-        count = total // FRAME
+        count = -(-total // FRAME)  # whole frames, at least ``total`` bytes
         sizes = [min(16, count - i) for i in range(0, count, 16)]
         n = await _send_chunks(peer, (zero * k for k in sizes), deadline)
         data_sent = sum(sizes[:n]) * FRAME
         await peer.settle(min(3.0, max(0.5, deadline - time.monotonic())))
         codes = [c for c in (peer.rst.get(1), peer.goaway[1] if peer.goaway else None) if c]
-        granted = min(
-            peer.settings.get(S_INITIAL_WINDOW_SIZE, DEFAULT_WINDOW) + peer.stream_credit[1],
-            DEFAULT_WINDOW + peer.conn_credit,
-        )
+        granted = DEFAULT_WINDOW + peer.conn_credit
+        if 1 not in peer.ended:
+            # Once the server has ended the stream only the connection window counts
+            # (RFC 9113 §6.4: DATA after RST_STREAM still counts toward it); before, the
+            # stream's too.
+            stream = peer.settings.get(S_INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
+            granted = min(granted, stream + peer.stream_credit[1])
         return {
             "advertised_window": advertised,
             "advertised_connection_credit": conn_credit0,
             "data_bytes": data_sent,
             "past_advertised_bytes": max(0, data_sent - advertised),
             "granted_bytes": granted,
+            "stream_ended_by_server": 1 in peer.ended,
             "past_granted_bytes": max(0, data_sent - granted),
             "flow_control_error": FLOW_CONTROL_ERROR in codes,
             "stream_rst": ERROR_NAMES.get(peer.rst[1]) if 1 in peer.rst else None,
@@ -798,7 +802,8 @@ async def idle_tls(
 ) -> dict[str, Any]:
     """``connections`` TLS connections, each an idle but correct HTTP/2 client (handshake,
     preface, SETTINGS exchanged, no stream), all held open ``hold`` seconds after the last
-    one opened, then closed. Reports how many the server closed meanwhile, and when."""
+    one opened, then closed. Reports how many the server closed meanwhile and when, and
+    the first GOAWAY each got and when."""
     started = time.monotonic()
 
     async def opener() -> Peer:
@@ -809,12 +814,20 @@ async def idle_tls(
     try:
         await asyncio.sleep(hold)
         goaways = collections.Counter(p.goaway[1] for p in peers if p.goaway is not None)
+        first = [p.goaway_at - p.opened_at for p in peers if p.goaway_at is not None]
+        timing = {}
+        if first:
+            timing = {
+                "goaway_after_s_min": round(min(first), 3),
+                "goaway_after_s_max": round(max(first), 3),
+            }
         return {
             "connections": len(peers),
             "failed": failed,
             "open_s": round(open_s, 3),
             "held_s": hold,
             "goaways": _names(goaways),
+            **timing,
         } | _close_stats(
             [p.opened_at for p in peers],
             [p.closed_at if p.closed is not None else None for p in peers],
@@ -919,34 +932,42 @@ async def garbage_frames(
     frames: int = 40,
     unknown: int = 5000,
     seed: int = 19,
-    timeout: float = 2.0,
+    concurrency: int = 10,
+    timeout: float = 3.0,
 ) -> dict[str, Any]:
     """Two kinds of well-framed garbage after a valid preface. (1) ``connections``
-    connections, each ``frames`` frames of random types (mostly the ten RFC 9113 types),
-    flags, stream ids and payloads, from a seeded generator: the server may close each with
-    a connection error, and reports which. (2) One connection sending ``unknown`` frames of
-    unknown types, then a PING: RFC 9113 §4.1 says unknown types are ignored, so the PING
-    must be answered and the connection kept."""
+    connections (``concurrency`` at a time), each ``frames`` frames of random types (mostly
+    the ten RFC 9113 types), flags, stream ids and payloads, connection ``i``'s drawn from
+    ``random.Random(f"{seed}:{i}")``: the server may close each with a connection error,
+    and reports which, and the connections it kept open or was slowest to close, by index.
+    (2) One connection sending ``unknown`` frames of unknown types, then a PING: RFC 9113
+    §4.1 says unknown types are ignored, so the PING must be answered and the connection
+    kept."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> dict[str, Any]:
+        rng = random.Random(f"{seed}:{i}")
+        data = b"".join(_random_frame(rng) for _ in range(frames))
+        async with sem:
+            peer = await Peer.open(t)
+            try:
+                await peer.send(data)
+                await peer.settle(timeout)
+                s = peer.summary()
+                return {"index": i} | {
+                    k: s[k] for k in ("goaway_code", "server_closed", "closed_after_s") if k in s
+                }
+            finally:
+                peer.close()
+
+    each = await asyncio.gather(*(one(i) for i in range(connections)))
+    goaways = collections.Counter(e["goaway_code"] for e in each if e["goaway_code"] is not None)
+    unknown_codes = [c for c in goaways if c not in ERROR_NAMES]
+    kept = [e for e in each if not e["server_closed"]]
+    slowest = sorted(
+        (e for e in each if e["server_closed"]), key=lambda e: -e.get("closed_after_s", 0)
+    )
     rng = random.Random(seed)
-    goaways: collections.Counter[int] = collections.Counter()
-    closed = 0
-    survived = 0
-    unknown_codes: list[int] = []
-    for _ in range(connections):
-        peer = await Peer.open(t)
-        try:
-            await peer.send(b"".join(_random_frame(rng) for _ in range(frames)))
-            await peer.settle(timeout)
-            if peer.goaway is not None:
-                goaways[peer.goaway[1]] += 1
-                if peer.goaway[1] not in ERROR_NAMES:
-                    unknown_codes.append(peer.goaway[1])
-            if peer.closed is not None:
-                closed += 1
-            else:
-                survived += 1
-        finally:
-            peer.close()
     peer = await Peer.open(t)
     try:
         junk = b"".join(
@@ -966,8 +987,14 @@ async def garbage_frames(
     return {
         "connections": connections,
         "frames_per_connection": frames,
-        "closed_by_server": closed,
-        "kept_open": survived,
+        "closed_by_server": connections - len(kept),
+        "kept_open": len(kept),
+        "kept_open_connections": kept[:5],
+        "goaway_but_kept_open": sum(1 for e in kept if e["goaway_code"] is not None),
+        "closed_without_goaway": sum(
+            1 for e in each if e["server_closed"] and e["goaway_code"] is None
+        ),
+        "slowest_closes": slowest[:3],
         "goaways": _names(goaways),
         "unknown_goaway_codes": unknown_codes,
         "unknown_types": unknown_result,

@@ -60,6 +60,28 @@ HANDSHAKE_TIMEOUT = 2.0
 IDLE_TIMEOUT = 3.0
 
 
+BODIES = 50
+"""The normal requests cycle through this many chat bodies, all sent once when a stack
+starts: the EPP has seen every prompt before, so its KV index and caches do not grow
+during a test (distinct prompts add about 5 KB of RSS each, which would blur the RSS
+check) and each request meets the same cache state unloaded and under abuse."""
+
+
+def _body(k: int) -> dict[str, Any]:
+    k %= BODIES
+    return H.chat(k, system=k % 4)
+
+
+async def _normal(s: aiohttp.ClientSession, url: str, n: int) -> list[float]:
+    """``n`` normal requests one after another; all must succeed."""
+    out = []
+    for i in range(n):
+        status, seconds, body = await H.timed_post(s, url + CHAT, json_body=_body(i))
+        assert status == 200, (status, body[:300])
+        out.append(seconds)
+    return out
+
+
 def _p90(values: list[float]) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(0.9 * len(s)))]
@@ -145,7 +167,7 @@ async def _requests_while(
     while not proc.done or len(latencies) + len(errors) < 5:
         t = time.perf_counter()
         try:
-            async with s.post(url + CHAT, json=H.chat(i, system=i % 4), timeout=timeout) as resp:
+            async with s.post(url + CHAT, json=_body(i), timeout=timeout) as resp:
                 body = await resp.read()
                 if resp.status == 200:
                     latencies.append(time.perf_counter() - t)
@@ -173,15 +195,15 @@ async def under_abuse(
     """Runs abuse ``name`` against the stack's EPP in rounds (see the module docstring)
     while measuring normal requests, then the after-requests and the EPP's memory; the
     common checks are recorded as misses, the abuse's last report is ``Run.result``."""
-    await H.normal_latencies(s, st.url, 5)
-    unloaded = H.median(await H.normal_latencies(s, st.url, 20))
+    await _normal(s, st.url, 5)
+    unloaded = H.median(await _normal(s, st.url, 20))
     run = Run(name, unloaded, st.epp.rss())
     async with PeakRss(st.epp.pid) as rss:
         for k in range(ROUNDS):
             proc = AbuseProcess(name, st.epp.grpc_port, repeat_for=repeat_for, **options)
             await proc.start()
             await proc.started.wait()
-            during, errors = await _requests_while(s, st.url, proc, 1000 * (k + 1))
+            during, errors = await _requests_while(s, st.url, proc, 7 * k)
             run.result = await proc.result()
             p90 = _p90(during) if during else float("inf")
             run.rounds.append(
@@ -198,7 +220,7 @@ async def under_abuse(
                 break
         run.alive = st.epp.proc is not None and st.epp.proc.poll() is None
         if run.alive:
-            run.after = await H.normal_latencies(s, st.url, 20, start=9000)
+            run.after = await _normal(s, st.url, 20)
     run.peak_rss = rss.peak
     run.expect(run.alive, "the EPP process died")
     if not run.alive:
@@ -232,7 +254,7 @@ async def shared(
         H.stack(tmp_path_factory.mktemp("abuse"), tiny_model) as st,
         aiohttp.ClientSession() as s,
     ):
-        await H.normal_latencies(s, st.url, 10)
+        await _normal(s, st.url, BODIES)
         yield st, s
 
 
@@ -244,7 +266,7 @@ async def stack(
     st, s = shared
     if st.epp.proc is None or st.epp.proc.poll() is not None:
         await st.epp.start()
-        await H.normal_latencies(s, st.url, 10)
+        await _normal(s, st.url, BODIES)
     return st, s
 
 
@@ -262,7 +284,7 @@ async def timeouts(
         H.stack(tmp_path_factory.mktemp("abuse-timeouts"), tiny_model, epp_args=args) as st,
         aiohttp.ClientSession() as s,
     ):
-        await H.normal_latencies(s, st.url, 10)
+        await _normal(s, st.url, BODIES)
         yield st, s
 
 
@@ -415,8 +437,9 @@ async def test_garbage_frames_are_connection_errors_and_unknown_types_are_ignore
     stack: tuple[H.Stack, aiohttp.ClientSession],
 ) -> None:
     """Random well-framed garbage after a valid preface: each GOAWAY names an RFC 9113
-    error (not NO_ERROR) and is followed by the close. 5,000 frames of unknown types
-    are ignored (RFC 9113 §4.1): a PING after them is answered on the same connection."""
+    error (not NO_ERROR) and is followed by the close, and no connection is closed without
+    one. 5,000 frames of unknown types are ignored (RFC 9113 §4.1): a PING after them is
+    answered on the same connection."""
     run = await under_abuse(*stack, "garbage-frames")
     r = run.result
     run.expect(
@@ -424,8 +447,9 @@ async def test_garbage_frames_are_connection_errors_and_unknown_types_are_ignore
         f"GOAWAY codes {r['goaways']}, unknown {r['unknown_goaway_codes']}",
     )
     run.expect(
-        sum(r["goaways"].values()) == r["closed_by_server"],
-        f"{r['closed_by_server']} connections closed, {sum(r['goaways'].values())} GOAWAYs",
+        r["goaway_but_kept_open"] == 0 and r["closed_without_goaway"] == 0,
+        f"{r['goaway_but_kept_open']} connections kept open after a GOAWAY "
+        f"({r['kept_open_connections']}), {r['closed_without_goaway']} closed without one",
     )
     unknown = r["unknown_types"]
     run.expect(
@@ -468,22 +492,32 @@ async def test_idle_tls_connections_cost_at_most_64_kb_each_and_memory_returns(
 async def test_idle_connections_get_goaway_and_are_closed_after_the_idle_timeout(
     timeouts: tuple[H.Stack, aiohttp.ClientSession],
 ) -> None:
-    """With --idle-connection-timeout 3: 800 idle TLS connections each get GOAWAY
-    (NO_ERROR: idleness is no error) and are closed about 3 s after they opened."""
-    run = await under_abuse(*timeouts, "idle-tls", repeat_for=0.0, hold=IDLE_TIMEOUT + 2.5)
+    """With --idle-connection-timeout 3: each of 800 idle TLS connections gets GOAWAY
+    (NO_ERROR: idleness is no error) about 3 s after it opened and is then closed. Allowed:
+    the GOAWAY up to 1.5 s late (idleness may be checked on a periodic tick), and the close
+    up to a second after it (a two-step close lets a stream sent just then be served)."""
+    hold = IDLE_TIMEOUT + 4.0
+    run = await under_abuse(*timeouts, "idle-tls", repeat_for=0.0, hold=hold)
     r = run.result
     run.expect(
         r["closed_by_server"] == r["connections"] == 800,
         f"{r['closed_by_server']} of {r['connections']} idle connections closed by the server",
     )
+    run.expect(r["goaways"] == {"NO_ERROR": 800}, f"GOAWAYs {r['goaways']}")
+    if r["goaways"]:
+        run.expect(
+            r["goaway_after_s_min"] >= IDLE_TIMEOUT - 1.0
+            and r["goaway_after_s_max"] <= IDLE_TIMEOUT + 1.5,
+            f"GOAWAY {r['goaway_after_s_min']}-{r['goaway_after_s_max']} s after opening, "
+            f"the timeout is {IDLE_TIMEOUT} s",
+        )
     if r["closed_by_server"]:
         run.expect(
             r["closed_after_s_min"] >= IDLE_TIMEOUT - 1.0
-            and r["closed_after_s_max"] <= IDLE_TIMEOUT + 1.5,
+            and r["closed_after_s_max"] <= IDLE_TIMEOUT + 2.5,
             f"closed {r['closed_after_s_min']}-{r['closed_after_s_max']} s after opening, "
             f"the timeout is {IDLE_TIMEOUT} s",
         )
-    run.expect(r["goaways"] == {"NO_ERROR": 800}, f"GOAWAYs {r['goaways']}")
     run.check()
 
 
