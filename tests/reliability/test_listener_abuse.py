@@ -521,8 +521,10 @@ async def test_idle_connections_get_goaway_and_are_closed_after_the_idle_timeout
     """With --idle-connection-timeout 3: each of 800 idle TLS connections gets GOAWAY
     (NO_ERROR: idleness is no error) about 3 s after it opened and is then closed. Allowed:
     the GOAWAY up to 1.5 s late (idleness may be checked on a periodic tick), and the close
-    up to a second after it (a two-step close lets a stream sent just then be served)."""
-    hold = IDLE_TIMEOUT + 4.0
+    up to 2.5 s after that (a two-step close gives a stream sent at the first GOAWAY a
+    second to be served, and the close lingers up to a second so the last GOAWAY reaches
+    a client still sending)."""
+    hold = IDLE_TIMEOUT + 5.0
     run = await under_abuse(*timeouts, "idle-tls", repeat_for=0.0, hold=hold)
     r = run.result
     run.expect(
@@ -540,7 +542,7 @@ async def test_idle_connections_get_goaway_and_are_closed_after_the_idle_timeout
     if r["closed_by_server"]:
         run.expect(
             r["closed_after_s_min"] >= IDLE_TIMEOUT - 1.0
-            and r["closed_after_s_max"] <= IDLE_TIMEOUT + 2.5,
+            and r["closed_after_s_max"] <= IDLE_TIMEOUT + 4.0,
             f"closed {r['closed_after_s_min']}-{r['closed_after_s_max']} s after opening, "
             f"the timeout is {IDLE_TIMEOUT} s",
         )
