@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.abuse import ABUSES
 from bench.procstat import cpu_seconds as _cpu_seconds
 from bench.procstat import free_port
 from bench.words import WORDS
@@ -59,6 +60,7 @@ TARGETS = {
 }
 
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+ABUSE_NAMES = list(ABUSES)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,6 +93,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extra argument for kvpick epp (repeatable; e.g. --epp-arg=--policy=random)",
     )
     p.add_argument("--skip-throughput", action="store_true", help="measure latency only")
+    p.add_argument(
+        "--abuse",
+        metavar="NAME",
+        choices=[*ABUSE_NAMES, "all"],
+        help="instead: normal requests through Envoy while a hostile client works on the "
+        "EPP's ext_proc port, against a baseline without it (bench/epp_abuse.py); one of "
+        f"{', '.join(ABUSE_NAMES)}, or all (each in turn, and a table)",
+    )
+    p.add_argument(
+        "--abuse-seconds",
+        type=float,
+        default=2.0,
+        help="a quick abuse is repeated until it has lasted this long (default: %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
@@ -652,6 +668,10 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.abuse:
+        from bench import epp_abuse
+
+        return epp_abuse.run(args)
     result = asyncio.run(run_async(args))
     print(json.dumps(result, indent=2))
     return 0
