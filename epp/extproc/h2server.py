@@ -125,8 +125,12 @@ OUR_MAX_FRAME = 1 << 20
 MAX_HEADER_BLOCK = 256 * 1024
 """Both the header block we buffer (compressed) and the header list we decode, in bytes;
 announced as SETTINGS_MAX_HEADER_LIST_SIZE."""
-MAX_STREAMS = 10_000
-"""Announced as SETTINGS_MAX_CONCURRENT_STREAMS; a stream beyond it gets REFUSED_STREAM."""
+MAX_STREAMS = 1000
+"""Announced as SETTINGS_MAX_CONCURRENT_STREAMS; a stream beyond it gets REFUSED_STREAM.
+Each open stream costs about 2.4 KB, and Python's allocator keeps much of that after the
+streams end (its arenas stay pinned), so one connection may hold at most this many: a
+gateway with more requests in flight opens another connection, as Envoy's connection
+pool does when it reaches a server's limit."""
 TURN_BYTES = 256 * 1024
 """Bytes of frames one connection reads, and separately writes, per turn of the event loop;
 the rest waits for the next turn, so that one connection's large body costs other
@@ -1181,6 +1185,16 @@ class _TlsProtocol(sslproto.SSLProtocol):
     record at a time, which is what OpenSSL decrypts in one step anyway."""
 
     max_size = TLS_READ_BUFFER
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self._app_protocol
+        super().connection_lost(exc)
+        # A connection that never finished its handshake never reached the H2Connection,
+        # whose own close runs ``after_close``: its buffers are freed here, so trim here.
+        if isinstance(conn, H2Connection) and conn._transport is None:
+            after_close = conn._server.after_close
+            if after_close is not None:
+                after_close()
 
     def _check_handshake_timeout(self) -> None:
         if getattr(self, "_state", None) == sslproto.SSLProtocolState.DO_HANDSHAKE:
