@@ -140,6 +140,8 @@ TURN_SECONDS = 0.0003
 event loop; checked after each frame and each message, so at least one goes through."""
 TLS_READ_BUFFER = 16 * 1024
 """The read buffer of a TLS connection: one TLS record's worth of plaintext."""
+TLS_BULK_READ_BUFFER = 256 * 1024
+"""The read buffer while reads keep filling the small one (a large body arriving)."""
 IDLE_SWEEP_SECONDS = 1.0
 """How often the listener looks for connections past their handshake or idle timeout."""
 FINAL_GOAWAY_SECONDS = 1.0
@@ -1177,7 +1179,8 @@ class H2Connection(asyncio.Protocol):
 
 
 class _TlsProtocol(sslproto.SSLProtocol):
-    """asyncio's TLS layer with a read buffer of :data:`TLS_READ_BUFFER` bytes.
+    """asyncio's TLS layer with a read buffer of :data:`TLS_READ_BUFFER` bytes (larger only
+    while a large body arrives).
 
     asyncio gives every TLS connection a 256 KiB read buffer for as long as it is open;
     the listener makes its TLS connections itself (the same class asyncio uses, through its
@@ -1185,6 +1188,18 @@ class _TlsProtocol(sslproto.SSLProtocol):
     record at a time, which is what OpenSSL decrypts in one step anyway."""
 
     max_size = TLS_READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        super().buffer_updated(nbytes)
+        # A read that filled the buffer means more is waiting: read in large steps while a
+        # large body arrives (fewer callbacks per megabyte), and go back to the small
+        # buffer at the first read that the small one would have held.
+        if nbytes >= len(self._ssl_buffer):
+            self.max_size = TLS_BULK_READ_BUFFER  # the next get_buffer() grows it
+        elif nbytes < TLS_READ_BUFFER and len(self._ssl_buffer) > TLS_READ_BUFFER:
+            self.max_size = TLS_READ_BUFFER
+            self._ssl_buffer = bytearray(TLS_READ_BUFFER)
+            self._ssl_buffer_view = memoryview(self._ssl_buffer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         conn = self._app_protocol

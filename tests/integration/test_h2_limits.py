@@ -111,8 +111,10 @@ class Peer:
         self.events: list[h2.events.Event] = []
 
     @classmethod
-    async def open(cls, port: int) -> Peer:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def open(cls, port: int, tls_context: ssl.SSLContext | None = None) -> Peer:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=tls_context, server_hostname="localhost" if tls_context else None
+        )
         peer = cls(reader, writer)
         peer.conn.initiate_connection()
         await peer.flush()
@@ -372,3 +374,41 @@ async def test_an_idle_tls_connection_holds_a_small_read_buffer() -> None:
         protocol = transport._ssl_protocol  # type: ignore[attr-defined]
         assert len(protocol._ssl_buffer) == h2server.TLS_READ_BUFFER
         writer.close()
+
+
+async def test_a_tls_connection_reads_a_large_body_in_large_steps_then_shrinks_back() -> None:
+    async with serving(secure=True) as (server, _, _):
+        client = ssl.create_default_context()
+        client.check_hostname = False
+        client.verify_mode = ssl.CERT_NONE
+        client.set_alpn_protocols(["h2"])
+        peer = await Peer.open(server.port, client)
+        (conn,) = server._connections
+        protocol = conn._transport._ssl_protocol  # type: ignore[union-attr]
+        sizes: list[int] = []
+        get_buffer = protocol.get_buffer
+
+        def recording(n: int) -> memoryview:
+            view = get_buffer(n)
+            sizes.append(len(view))
+            return view
+
+        protocol.get_buffer = recording
+        big = b"b" * 900_000
+        sid = peer.start(ECHO)
+        peer.conn.send_data(sid, _msg(big), end_stream=True)
+        await peer.flush()
+
+        def echoed() -> bool:
+            for e in peer.of(h2.events.DataReceived, sid):
+                if not getattr(e, "_acked", False):
+                    peer.conn.acknowledge_received_data(e.flow_controlled_length, sid)
+                    e._acked = True  # type: ignore[attr-defined]
+            return bool(peer.of(h2.events.StreamEnded, sid))
+
+        await peer.pump(echoed)
+        assert peer.status(sid) == b"0"
+        assert max(sizes) == h2server.TLS_BULK_READ_BUFFER  # it grew while the body came
+        assert await _echo_seconds(peer) < 5  # a small read: back to the small buffer
+        assert len(protocol._ssl_buffer) == h2server.TLS_READ_BUFFER
+        peer.close()
