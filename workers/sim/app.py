@@ -5,6 +5,7 @@ together."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import uuid
 from typing import Any
@@ -167,6 +168,10 @@ class SimApp:
             raise
         for engine in self.engines:
             self._tasks.append(asyncio.create_task(engine.run(), name=f"engine-{engine.rank}"))
+        # What start-up made (modules, the tokenizer) lives as long as the process: out of
+        # every later full collection, which stops the engine loop while it runs.
+        gc.collect()
+        gc.freeze()
         log.info("kvpick sim engine ready on port %d: %s", self.port, describe(opts))
         for p in self.publishers:
             log.info(
