@@ -39,6 +39,8 @@ from typing import Any
 
 import hpack
 
+from epp.extproc.h2server import _literal  # the same never-indexed literal the server sends
+
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -103,27 +105,10 @@ def frame_header(ftype: int, flags: int, sid: int, length: int) -> bytes:
     return length.to_bytes(3, "big") + bytes((ftype, flags)) + sid.to_bytes(4, "big")
 
 
-def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
     """An HPACK block of literals never indexed, with literal names: it touches no
     compression state, so one block serves any number of streams."""
-    out = bytearray()
-    for name, value in headers:
-        out += b"\x10" + _hpack_int(len(name), 7, 0) + name + _hpack_int(len(value), 7, 0)
-        out += value
-    return bytes(out)
+    return b"".join(_literal(name, value) for name, value in headers)
 
 
 REQUEST_BLOCK = header_block(
