@@ -1,2 +1,3 @@
-"""kvpick's per-pod sidecar: the OpenAI-compatible frontend in direct mode, forwarding
-token ids to the colocated engine worker the EPP picked (built by a later issue)."""
+"""kvpick's per-pod sidecar: the OpenAI-compatible frontend in direct mode, serving exactly
+the worker the EPP picked, with the EPP's token ids, and running prefill→decode handoffs
+(docs/sidecar.md)."""
