@@ -19,9 +19,10 @@ engine. A client that goes away closes the engine connection(s), which aborts th
 the engine; an engine that fails mid-stream ends the stream with an error event and no
 ``[DONE]``, as vLLM does. Every request leaves the in-flight gauges where it found them.
 
-HTTP stack: aiohttp, server and client (see docs/benchmarks.md, "Sidecar"): it is already
-kvpick's HTTP library, its client keeps connections to the engines alive and streams bodies
-without buffering, and its HTTP/1.1 parser is the C one.
+HTTP stack: aiohttp, server and client. It is already kvpick's HTTP library, its client keeps
+connections to the engines alive and streams bodies without buffering, and its HTTP/1.1
+parser is the C one. The measurement against a plain asyncio/uvloop server is still to be
+made (issue 13, with ``kvpick bench sidecar``).
 """
 
 from __future__ import annotations
